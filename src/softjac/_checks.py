@@ -1,0 +1,138 @@
+"""Layer 0: input validation and the wording of every error softjac raises.
+
+Every public function validates once, at its boundary, through these helpers, so that
+messages share one form::
+
+    `softjac.vjp`: `v` must have the shape of `logits`. Got (4, 10) and (4, 9).
+
+Nothing here touches tensor *values* (that would force a device synchronisation on GPU);
+only types, dtypes, shapes and Python scalars are checked.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+__all__ = [
+    "as_float_dtype",
+    "check_dim",
+    "check_logits",
+    "check_mask",
+    "check_positive",
+    "check_same_shape",
+    "check_tensor",
+    "check_temperature",
+    "fmt_shape",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
+    """``(4, 10)`` style, with a trailing comma for 1-tuples like Python prints them."""
+    return str(tuple(shape))
+
+
+def check_tensor(fn: str, name: str, x: object, *, floating: bool = True) -> torch.Tensor:
+    """Require a tensor; with ``floating`` also a float16/bfloat16/float32/float64 dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{fn}`: `{name}` must be a torch.Tensor. Got {type(x).__name__}.")
+    if floating and x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64). Got {x.dtype}; convert it first, e.g. `{name}.double()`."
+        )
+    return x
+
+
+def check_dim(fn: str, dim: object, ndim: int, *, name: str = "dim") -> int:
+    """Normalise ``dim`` into ``range(ndim)``; needs ``ndim >= 1``."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"`{fn}`: `{name}` must be an int. Got {type(dim).__name__}.")
+    if ndim == 0:
+        raise ValueError(
+            f"`{fn}`: the input must have at least one dimension (the K classes). Got a 0-d tensor."
+        )
+    if not -ndim <= dim < ndim:
+        raise ValueError(
+            f"`{fn}`: `{name}` must be in [{-ndim}, {ndim - 1}] for a {ndim}-d input. Got {dim}."
+        )
+    return dim % ndim
+
+
+def check_logits(fn: str, logits: object, dim: object, *, name: str = "logits") -> int:
+    """Validate a logits/probabilities tensor and its class dimension; return ``dim`` normalised.
+
+    K (the size along ``dim``) must be at least 1; batch dimensions may be empty.
+    """
+    x = check_tensor(fn, name, logits)
+    d = check_dim(fn, dim, x.ndim)
+    if x.shape[d] == 0:
+        raise ValueError(
+            f"`{fn}`: `{name}` has K = 0 classes along dim {d} (shape {fmt_shape(x.shape)}); "
+            "softmax needs K >= 1."
+        )
+    return d
+
+
+def check_same_shape(fn: str, name: str, x: object, ref_name: str, ref: torch.Tensor) -> None:
+    """Require ``x`` to be a floating tensor with exactly ``ref``'s shape."""
+    check_tensor(fn, name, x)
+    assert isinstance(x, torch.Tensor)
+    if x.shape != ref.shape:
+        raise ValueError(
+            f"`{fn}`: `{name}` must have the shape of `{ref_name}`. "
+            f"Got {fmt_shape(x.shape)} and {fmt_shape(ref.shape)}."
+        )
+    if x.device != ref.device:
+        raise ValueError(
+            f"`{fn}`: `{name}` and `{ref_name}` must be on the same device. "
+            f"Got {x.device} and {ref.device}."
+        )
+
+
+def check_mask(fn: str, mask: object, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Require a boolean mask broadcastable to ``shape`` (True = keep); return it broadcast."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`{fn}`: `mask` must be a boolean torch.Tensor. Got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`{fn}`: `mask` must have dtype torch.bool (True = keep). Got {mask.dtype}.")
+    try:
+        out = torch.broadcast_to(mask, shape)
+    except RuntimeError:
+        raise ValueError(
+            f"`{fn}`: `mask` of shape {fmt_shape(mask.shape)} does not broadcast to the input "
+            f"shape {fmt_shape(shape)}."
+        ) from None
+    if out.device != device:
+        out = out.to(device)
+    return out
+
+
+def check_positive(fn: str, name: str, value: object) -> float:
+    """Require a finite real number > 0 (a Python number or a one-element tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"`{fn}`: `{name}` must be a scalar. Got a tensor of shape {fmt_shape(value.shape)}."
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"`{fn}`: `{name}` must be a real number. Got {type(value).__name__}.")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"`{fn}`: `{name}` must be a finite number > 0. Got {value!r}.")
+    return v
+
+
+def check_temperature(fn: str, temperature: object) -> float:
+    """Temperature T > 0 (softmax(z / T))."""
+    return check_positive(fn, "temperature", temperature)
+
+
+def as_float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softjac computes in: float32 for half types, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
