@@ -97,9 +97,13 @@ def check_same_shape(fn: str, name: str, x: object, ref_name: str, ref: torch.Te
 def check_mask(fn: str, mask: object, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Require a boolean mask broadcastable to ``shape`` (True = keep); return it broadcast."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"`{fn}`: `mask` must be a boolean torch.Tensor. Got {type(mask).__name__}.")
+        raise TypeError(
+            f"`{fn}`: `mask` must be a boolean torch.Tensor. Got {type(mask).__name__}."
+        )
     if mask.dtype != torch.bool:
-        raise TypeError(f"`{fn}`: `mask` must have dtype torch.bool (True = keep). Got {mask.dtype}.")
+        raise TypeError(
+            f"`{fn}`: `mask` must have dtype torch.bool (True = keep). Got {mask.dtype}."
+        )
     try:
         out = torch.broadcast_to(mask, shape)
     except RuntimeError:

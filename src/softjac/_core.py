@@ -15,6 +15,12 @@ Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
 * ``J v = σ ⊙ (v − ⟨σ, v⟩)`` cancels in entry ``i*``; there it is evaluated as
   ``σ_{i*} · Σ_{j≠i*} σ_j (v_{i*} − v_j)``, which has no cancellation beyond what the data
   itself has.
+* From logits, σ is never rounded on its own: with ``e = exp(z − max z)`` (so ``e_{i*} = 1``),
+  ``r = Σ_{j≠i*} e_j`` and ``S = 1 + r``, every entry of ``J`` and ``J v`` is
+  ``(product of e's) / S²``, and ``1 / S² = 1 − r(2 + r)/S²`` keeps the part of ``S`` that
+  ``fl(1 + r)`` drops when ``r < eps``. That is what makes ``z = [37.42994775023705, 0]``,
+  ``v = [1, 0]`` give ``±5.551115123125775e-17`` (the correctly rounded ``σ₁σ₂``) where a
+  product of rounded probabilities is one unit in the last place off and PyTorch gives 0.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import torch
 
 __all__ = [
     "argmax_index",
+    "exp_parts",
+    "jacobian_logits_last",
+    "vjp_logits_last",
     "hessian_last",
     "hvp_last",
     "jacobian_last",
     "log_softmax_jacobian_last",
     "log_softmax_last",
+    "logsumexp_last",
     "masked_scaled_logits",
     "max_complement",
     "softmax_last",
@@ -38,10 +48,17 @@ __all__ = [
 def masked_scaled_logits(
     z: torch.Tensor, mask: torch.Tensor | None, temperature: float
 ) -> torch.Tensor:
-    """``z / T`` with the entries where ``mask`` is False set to −inf (a new tensor)."""
-    out = z / temperature if temperature != 1.0 else z
-    if mask is not None:
-        out = out.masked_fill(~mask, float("-inf"))
+    """``(z − max z) / T`` with the entries where ``mask`` is False set to −inf.
+
+    Softmax is shift invariant; shifting *before* dividing by T keeps ``(z_i − max z) / T``
+    accurate to one rounding (``z / T`` first would add an error of ``eps · |z| / T``) and
+    cannot overflow for finite logits. The shift is detached from autograd: it changes no
+    derivative (softmax is exactly shift invariant) and keeps the graph small. With no mask
+    and ``T = 1`` this returns ``z`` itself.
+    """
+    out = z if mask is None else z.masked_fill(~mask, float("-inf"))
+    if temperature != 1.0:
+        out = (out - _safe_max(out).detach()) / temperature
     return out
 
 
@@ -58,6 +75,14 @@ def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
     shifted = z - m
     s = shifted.exp().sum(dim=-1, keepdim=True)
     return shifted - torch.where(s > 0, s, torch.ones_like(s)).log()
+
+
+def logsumexp_last(z: torch.Tensor) -> torch.Tensor:
+    """``lse(z) = max z + log Σ exp(z − max z)`` (keepdim); ``+inf`` for a fully masked row, so
+    that ``exp(z − lse)`` is 0 there rather than NaN."""
+    m = _safe_max(z)
+    s = (z - m).exp().sum(dim=-1, keepdim=True)
+    return torch.where(s > 0, m + s.log(), torch.full_like(s, float("inf")))
 
 
 def softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -139,3 +164,48 @@ def hessian_last(p: torch.Tensor) -> torch.Tensor:
     first = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
     second = p[..., :, None, None] * jac.unsqueeze(-3)  # [i, j, k] = p_i J_jk
     return first - second
+
+
+def exp_parts(z: torch.Tensor):
+    """Shifted exponentials of logits ``z`` (last dim), all keepdim where reduced.
+
+    Returns ``(e, idx, r, s)``: ``e = exp(z − max z)`` (the argmax entry is exactly 1), ``idx``
+    the argmax, ``r = Σ_{j≠i*} e_j`` and ``s = Σ e = 1 + r`` (``s`` is replaced by 1 for a
+    fully masked row, where ``e`` is all zero).
+    """
+    m = _safe_max(z)
+    e = (z - m).exp()
+    idx = argmax_index(z)
+    r = e.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
+    s = e.gather(-1, idx) + r
+    return e, idx, r, torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _div_s2(y: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y / s²`` with ``s = 1 + r``: as ``y − y · r(2 + r)/s²`` when ``r ≤ 1`` (the argmax
+    dominates; this keeps ``r`` even where ``fl(1 + r) = 1``), else as ``y / s²``."""
+    s2 = s * s
+    return torch.where(r <= 1, y - y * (r * (2 + r) / s2), y / s2)
+
+
+def vjp_logits_last(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` from logits (last dim) with ``σ`` kept unrounded; O(K) per row.
+
+    ``(J v)_i = e_i u_i / S²`` with ``u_i = v_i S − Σ_j e_j v_j`` and, for the argmax,
+    ``u_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j)`` (no cancellation).
+    """
+    e, idx, r, s = exp_parts(z)
+    u = v * s - (e * v).sum(dim=-1, keepdim=True)
+    q = (e * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
+    return _div_s2(e * u.scatter(-1, idx, q), r, s)
+
+
+def jacobian_logits_last(z: torch.Tensor) -> torch.Tensor:
+    """Dense ``J = diag(σ) − σσᵀ`` from logits (last dim); O(K²) per row.
+
+    ``J_ij = −e_i e_j / S²`` and ``J_ii = e_i (S − e_i) / S²`` with ``S − e_{i*} = r``.
+    """
+    e, idx, r, s = exp_parts(z)
+    jac = -(e.unsqueeze(-1) * e.unsqueeze(-2))
+    jac.diagonal(dim1=-2, dim2=-1).copy_(e * (s - e).scatter(-1, idx, r))
+    return _div_s2(jac, r.unsqueeze(-1), s.unsqueeze(-1))

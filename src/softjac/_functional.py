@@ -61,6 +61,17 @@ def _prepare(
     return _core.masked_scaled_logits(z, m, t), d, t
 
 
+def _use_kernel(backend: str, z: torch.Tensor) -> bool:
+    """Whether a logits-based product goes to ``softjac.kernels`` rather than the
+    unrounded-σ path of ``_core`` (which gives the correctly rounded golden values): only
+    when a kernel backend is named, or for float32/half on CUDA under ``"auto"``."""
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"`backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
+    return backend in ("triton", "cpu") or (
+        backend == "auto" and z.is_cuda and z.dtype != torch.float64
+    )
+
+
 def _probs_last(fn, logits, dim, mask, temperature):
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
     return _core.softmax_last(z), d, t
@@ -123,9 +134,12 @@ def jacobian(
         output would exceed ``max_bytes`` (default 4 GiB).
     """
     fn = "softjac.jacobian"
-    p, _, t = _probs_last(fn, logits, dim, mask, temperature)
-    _check_dense_size(fn, p.shape[:-1], p.shape[-1], logits.dtype, max_bytes)
-    jac = dispatch.softmax_jacobian_dense(p, backend=backend)
+    z, _, t = _prepare(fn, logits, dim, mask, temperature)
+    _check_dense_size(fn, z.shape[:-1], z.shape[-1], logits.dtype, max_bytes)
+    if _use_kernel(backend, logits):
+        jac = dispatch.softmax_jacobian_dense(_core.softmax_last(z), backend=backend)
+    else:
+        jac = _core.jacobian_logits_last(z)
     if t != 1.0:
         jac = jac / t
     return jac.to(logits.dtype)
@@ -177,8 +191,12 @@ def vjp(
     check_logits(fn, logits, dim)
     check_same_shape(fn, "v", v, "logits", logits)
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
-    p = _core.softmax_last(z)
-    out = dispatch.softmax_vjp(p, v.movedim(d, -1), backend=backend)
+    v_last = v.movedim(d, -1)
+    if _use_kernel(backend, logits):
+        lse = _core.logsumexp_last(z)
+        out = dispatch.softmax_vjp_from_logits(z, lse, v_last, backend=backend)
+    else:
+        out = _core.vjp_logits_last(z, v_last.to(z.dtype))
     if t != 1.0:
         out = out / t
     return out.to(logits.dtype).movedim(-1, d)

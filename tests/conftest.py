@@ -1,0 +1,45 @@
+"""Shared test configuration.
+
+Hypothesis runs with a deterministic profile ("ci": derandomised, no example database, no
+deadline) unless ``HYPOTHESIS_PROFILE`` names another ("dev" draws more examples at random).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Per-dtype tolerances for comparisons against a float64 reference (absolute, on quantities
+# of size <= 1 such as σ and J entries; relative tolerances where a test says so).
+TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-3,
+}
