@@ -14,6 +14,27 @@ from softjac._functional import (
     vjp,
     vjp_from_probs,
 )
+from softjac._losses import (
+    CrossEntropyHessian,
+    cross_entropy,
+    cross_entropy_grad,
+    cross_entropy_hessian,
+    fisher_sqrt,
+)
+from softjac._operator import (
+    SoftmaxJacobian,
+    SoftmaxJacobianCholeskyFactor,
+    SoftmaxJacobianPinv,
+    SoftmaxJacobianSqrtFactor,
+)
+from softjac._verify import (
+    AutogradComparison,
+    JacobianDifference,
+    PropertyReport,
+    PropertyResult,
+    check_properties,
+    compare_with_autograd,
+)
 
 __version__ = "0.1.0"
 
@@ -28,4 +49,22 @@ __all__ = [
     "jvp",
     "vjp_from_probs",
     "hvp",
+    # losses: cross-entropy, its gradient and curvature
+    "cross_entropy",
+    "cross_entropy_grad",
+    "cross_entropy_hessian",
+    "CrossEntropyHessian",
+    "fisher_sqrt",
+    # structured operator: O(K) products, O(K²) spectrum, inverses, factors
+    "SoftmaxJacobian",
+    "SoftmaxJacobianPinv",
+    "SoftmaxJacobianSqrtFactor",
+    "SoftmaxJacobianCholeskyFactor",
+    # verification: the property report and the autograd cross-check
+    "check_properties",
+    "compare_with_autograd",
+    "PropertyReport",
+    "PropertyResult",
+    "AutogradComparison",
+    "JacobianDifference",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from softjac import _core
+from softjac._autograd import softmax_last_autograd
 from softjac._checks import (
     as_float_dtype,
     check_logits,
@@ -61,12 +62,16 @@ def _prepare(
     return _core.masked_scaled_logits(z, m, t), d, t
 
 
-def _use_kernel(backend: str, z: torch.Tensor) -> bool:
+def _check_backend(fn: str, backend: object) -> None:
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"`{fn}`: `backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
+
+
+def _use_kernel(fn: str, backend: str, z: torch.Tensor) -> bool:
     """Whether a logits-based product goes to ``softjac.kernels`` rather than the
     unrounded-σ path of ``_core`` (which gives the correctly rounded golden values): only
     when a kernel backend is named, or for float32/half on CUDA under ``"auto"``."""
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"`backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
+    _check_backend(fn, backend)
     return backend in ("triton", "cpu") or (
         backend == "auto" and z.is_cuda and z.dtype != torch.float64
     )
@@ -97,21 +102,30 @@ def softmax(
     *,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Numerically stable ``σ(z / T)_i = exp(z_i / T − lse(z / T))`` along ``dim``.
+
+    Differentiable to any order through :class:`softjac._autograd.SoftmaxLast`: it saves only
+    σ, its backward is the O(K) product ``σ ⊙ (g − ⟨g, σ⟩)`` (the kernel chosen by
+    ``backend``), forward mode gives the same product with the tangent, and every
+    ``torch.func`` transform and ``torch.compile(fullgraph=True)`` work.
 
     Args:
         logits: floating tensor of any shape; ``dim`` holds the K classes.
         dim: the class dimension.
         mask: boolean, broadcastable to ``logits``; True keeps an entry. ``-inf`` logits are
-            masked too. A fully masked slice gives zeros (``torch.softmax`` gives NaN).
+            masked too. A fully masked slice gives zeros and a zero gradient (``torch.softmax``
+            gives NaN, pytorch issue 41508).
         temperature: T > 0.
+        backend: ``"auto" | "torch" | "triton" | "cpu"`` for the backward product.
 
     Returns:
         σ with the shape, dtype and device of ``logits``. Cost O(K) per slice.
     """
-    p, d, _ = _probs_last("softjac.softmax", logits, dim, mask, temperature)
-    return p.to(logits.dtype).movedim(-1, d)
+    _check_backend("softjac.softmax", backend)
+    z, d, _ = _prepare("softjac.softmax", logits, dim, mask, temperature)
+    return softmax_last_autograd(z, backend).to(logits.dtype).movedim(-1, d)
 
 
 def jacobian(
@@ -136,7 +150,7 @@ def jacobian(
     fn = "softjac.jacobian"
     z, _, t = _prepare(fn, logits, dim, mask, temperature)
     _check_dense_size(fn, z.shape[:-1], z.shape[-1], logits.dtype, max_bytes)
-    if _use_kernel(backend, logits):
+    if _use_kernel(fn, backend, logits):
         jac = dispatch.softmax_jacobian_dense(_core.softmax_last(z), backend=backend)
     else:
         jac = _core.jacobian_logits_last(z)
@@ -192,7 +206,7 @@ def vjp(
     check_same_shape(fn, "v", v, "logits", logits)
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
     v_last = v.movedim(d, -1)
-    if _use_kernel(backend, logits):
+    if _use_kernel(fn, backend, logits):
         lse = _core.logsumexp_last(z)
         out = dispatch.softmax_vjp_from_logits(z, lse, v_last, backend=backend)
     else:

@@ -1,0 +1,484 @@
+"""Layer 4: ``torch.autograd.Function``s for softmax and cross-entropy.
+
+Every Function here is in the ``torch.func``-ready form (``forward`` without ctx,
+``setup_context``, ``backward``, ``jvp`` and an explicit ``vmap`` rule), so it works under
+``torch.autograd``, forward-mode AD, ``torch.func`` (grad, vjp, jvp, vmap, jacrev, jacfwd,
+hessian) and ``torch.compile``. All of them work on tensors whose class dimension is the
+*last* one; ``dim``, masks and temperature are handled by the callers with ordinary
+(differentiable) torch ops.
+
+The Functions and what they compute (``σ = softmax(z)``, ``J = diag(σ) − σσᵀ``):
+
+* :class:`SoftmaxLast` ``z ↦ σ``. Saves only σ. Backward and JVP are the same product
+  ``J u = σ ⊙ (u − ⟨σ, u⟩)`` (J is symmetric), evaluated by :class:`SoftmaxVJP`.
+* :class:`SoftmaxVJP` ``(σ, v) ↦ J(σ) v`` through ``dispatch.softmax_vjp`` (the accurate O(K)
+  kernel). It is its own Function so that the backward of softmax is differentiable in closed
+  form: with ``u = σ ⊙ v − σ ⟨σ, v⟩``,
+
+  - ``∂⟨g, u⟩/∂v = J g`` (again a :class:`SoftmaxVJP`, so every order works),
+  - ``∂⟨g, u⟩/∂σ = g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩``.
+
+  Autograd chains the σ-part through σ's own graph node (``J``), which gives the second
+  derivative ``∂²σ_i/∂z_j∂z_k`` of ``shared/MATH.md`` without ever forming it. A plain
+  backward (grad mode off, i.e. no ``create_graph``) calls the kernel directly instead.
+* :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, lse_n)`` per row through
+  ``dispatch.cross_entropy_forward`` (float32 math, float64 for float64 logits; unreduced; the reduction is done by the
+  caller with torch ops). Backward is ``g_n (a_n σ_n − b_n)`` (σ − y with weights and label
+  smoothing) through ``dispatch.cross_entropy_backward`` — never in place on the logits.
+* :class:`CrossEntropyBackward` ``(z, g) ↦ g_n (a_n σ_n − b_n)``, its own Function so that
+  cross-entropy is twice differentiable: ``∂/∂z = g_n a_n J_n`` (a :class:`SoftmaxVJP`) and
+  ``∂/∂g_n = a_n σ_n − b_n``.
+
+Here ``a_n = (1 − ε) w[y_n] + (ε/K) Σ_c w[c]`` and ``b_n = (1 − ε) w[y_n] e_{y_n} + (ε/K) w``
+for non-ignored rows (both 0 for ignored rows), ``w`` the class weights and ``ε`` the label
+smoothing; so the Hessian of ``loss_n`` with respect to ``z_n`` is ``a_n J_n``.
+
+vmap: each Function has an explicit rule instead of ``generate_vmap_rule=True``, because the
+kernels behind ``dispatch`` (Triton, C) cannot run on batched tensors. The rules move the
+vmapped dimension to the front (softmax: the class dimension stays last, so a leading batch
+dimension is just more rows) or flatten it into the rows (cross-entropy) and call the same
+Function once on the physical tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softjac._checks import as_float_dtype
+from softjac.kernels import dispatch
+
+__all__ = [
+    "CrossEntropyBackward",
+    "CrossEntropyRows",
+    "SoftmaxLast",
+    "SoftmaxVJP",
+    "cross_entropy_rows",
+    "softmax_last_autograd",
+]
+
+
+def _batched(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor | None:
+    """Physical tensor with the vmapped dimension first (expanded if ``x`` is not batched)."""
+    if x is None:
+        return None
+    if bdim is None:
+        return x.unsqueeze(0).expand(size, *x.shape)
+    return x.movedim(bdim, 0)
+
+
+def _check_backend(fn: str, backend: object) -> None:
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"`{fn}`: `backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x.to(as_float_dtype(x.dtype))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``⟨a, b⟩`` over the last dim, keepdim."""
+    return (a * b).sum(dim=-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------------------------
+
+
+class SoftmaxVJP(torch.autograd.Function):
+    """``u = J(σ) v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim; O(K) per row, J never formed.
+
+    Inputs ``σ`` (probabilities) and ``v`` of the same shape; output in σ's dtype (half types
+    computed in float32 by the kernel). Differentiable in both inputs to any order (see the
+    module docstring for the formulas).
+    """
+
+    @staticmethod
+    def forward(p: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        return dispatch.softmax_vjp(p, v.to(p.dtype), backend=backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, v, backend = inputs
+        ctx.backend = backend
+        ctx.save_for_backward(p, v)
+        ctx.save_for_forward(p, v)
+
+    @staticmethod
+    def backward(ctx, gu):
+        p, v = ctx.saved_tensors
+        gp = gv = None
+        if ctx.needs_input_grad[1]:
+            gv = _apply_vjp(p, gu, ctx.backend).to(v.dtype)
+        if ctx.needs_input_grad[0]:
+            pc, vc, gc = _up(p), _up(v), _up(gu)
+            gp = (gc * (vc - _dot(pc, vc)) - vc * _dot(gc, pc)).to(p.dtype)
+        return gp, gv, None
+
+    @staticmethod
+    def jvp(ctx, dp, dv, _):
+        p, v = ctx.saved_tensors
+        out = None
+        if dv is not None:
+            out = _apply_vjp(p, dv, ctx.backend)
+        if dp is not None:
+            pc, vc, dpc = _up(p), _up(v), _up(dp)
+            extra = (dpc * (vc - _dot(pc, vc)) - pc * _dot(dpc, vc)).to(p.dtype)
+            out = extra if out is None else out + extra
+        if out is None:
+            out = torch.zeros_like(p)
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, p, v, backend):
+        pd, vd, _ = in_dims
+        size = info.batch_size
+        return _apply_vjp(_batched(p, pd, size), _batched(v, vd, size), backend), 0
+
+
+class SoftmaxLast(torch.autograd.Function):
+    """``σ(z) = exp(z − lse(z))`` over the last dim; masked (−inf) entries give 0 and a fully
+    masked row gives zeros (and a zero gradient), never NaN. O(K) per row.
+
+    Saves only σ (in the output dtype). Backward and JVP: ``J u`` by :class:`SoftmaxVJP`.
+    """
+
+    @staticmethod
+    def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
+        # PyTorch's fused softmax (one read for the max, one for the sum, one write), then the
+        # fully masked rows — where it gives NaN — set to 0. Same values as _core.softmax_last
+        # at fewer passes; NaN or +inf inputs still give NaN.
+        p = torch.softmax(z, dim=-1, dtype=as_float_dtype(z.dtype))
+        # A fully masked row comes out all NaN, so on CPU a look at σ's first column (N
+        # values) skips the extra passes when no row can be dead. Elsewhere (GPU: no sync;
+        # torch.compile: no data-dependent branch) the rows are always fixed.
+        if z.device.type == "cpu" and not _compiling() and not bool(p[..., :1].isnan().any()):
+            return p.to(z.dtype)
+        dead = z.amax(dim=-1, keepdim=True) == float("-inf")
+        return p.masked_fill_(dead, 0.0).to(z.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            # plain backward (no create_graph): nothing will differentiate this product, so
+            # call the kernel directly and skip the Function's bookkeeping
+            return dispatch.softmax_vjp(p, g.to(p.dtype), backend=ctx.backend), None
+        return _apply_vjp(p, g, ctx.backend), None
+
+    @staticmethod
+    def jvp(ctx, dz, _):
+        (p,) = ctx.saved_tensors
+        return _apply_vjp(p, dz, ctx.backend)
+
+    @staticmethod
+    def vmap(info, in_dims, z, backend):
+        return _apply_softmax(_batched(z, in_dims[0], info.batch_size), backend), 0
+
+
+def softmax_last_autograd(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Differentiable ``σ = softmax(z)`` over the last dim of already masked/scaled logits.
+
+    ``σ_i = exp(z_i − lse(z))``, computed in at least float32 and returned in ``z``'s dtype.
+    Backward is the O(K) product ``σ ⊙ (g − ⟨g, σ⟩)`` through ``dispatch.softmax_vjp``;
+    forward mode, double backward and every ``torch.func`` transform work (see
+    :class:`SoftmaxLast`). A fully masked row (all −inf) gives zeros and a zero gradient.
+
+    Args:
+        z: floating tensor, classes on the last dim (−inf = masked).
+        backend: kernel choice for the products, ``"auto" | "torch" | "triton" | "cpu"``.
+
+    Returns:
+        σ with the shape and dtype of ``z``. Cost O(K) per row, forward and backward; the
+        only tensor kept for backward is σ.
+    """
+    _check_backend("softjac.softmax", backend)
+    return _apply_softmax(z, backend)
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy (class-index targets, 2-D logits)
+# --------------------------------------------------------------------------------------------
+
+
+def _ce_terms(target, weight, ignore_index, eps, k, device, dtype=torch.float32):
+    """``valid (N,)``, ``y (N,)`` (ignored rows → 0), ``w (K,)``, ``w_y (N,)``, ``a (N,)`` (see
+    the module docstring), the floating ones in ``dtype``."""
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    if weight is None:
+        w = torch.ones(k, dtype=dtype, device=device)
+    else:
+        w = weight.to(dtype)
+    w_y = torch.where(valid, w[y], torch.zeros((), dtype=dtype, device=device))
+    a = (1.0 - eps) * w_y
+    if eps > 0:
+        a = a + (eps / k) * w.sum() * valid
+    return valid, y, w, w_y, a
+
+
+def _ce_grad_rows_one(p, target, weight, ignore_index, eps):
+    """``a_n σ_n − b_n`` (the gradient of ``loss_n``) with differentiable torch ops, in σ's
+    dtype."""
+    k = p.shape[-1]
+    valid, y, w, w_y, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+    out = p * a.unsqueeze(-1)
+    out = out.scatter_add(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y).unsqueeze(-1))
+    if eps > 0:
+        out = out - (eps / k) * w * valid.unsqueeze(-1)
+    return out
+
+
+# The kernel contract computes cross-entropy in float32 (right for float32 and half logits);
+# float64 logits keep float64 here, so that results match ``F.cross_entropy`` in float64 and
+# ``gradcheck`` works. Same formulas, plain torch ops.
+
+
+def _ce_forward_float64(logits, target, weight, ignore_index, eps):
+    k = logits.shape[-1]
+    lse = torch.logsumexp(logits, dim=-1)
+    valid, y, w, w_y, _ = _ce_terms(
+        target, weight, ignore_index, eps, k, logits.device, logits.dtype
+    )
+    loss = (1.0 - eps) * w_y * (lse - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+    if eps > 0:
+        smooth = (w * (lse.unsqueeze(-1) - logits)).sum(-1)
+        loss = loss + (eps / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
+    return loss, lse
+
+
+def _ce_backward_float64(logits, grad_rows, target, lse, weight, ignore_index, eps):
+    p = (logits - lse.unsqueeze(-1)).exp()
+    return _ce_grad_rows_one(p, target, weight, ignore_index, eps) * grad_rows.unsqueeze(-1)
+
+
+class CrossEntropyBackward(torch.autograd.Function):
+    """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
+
+    Inputs: logits ``(N, K)``, ``grad_rows (N,)``, and the non-differentiable target ``(N,)``,
+    ``lse (N,)`` (float32 or float64, from the forward), weight, ignore_index, label smoothing, backend.
+    Forward is one ``dispatch.cross_entropy_backward`` call (float32 math, output in the logits
+    dtype, not in place). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and
+    ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n − b_n⟩``, both O(N·K); σ is recomputed through
+    :class:`SoftmaxLast` so that these are differentiable again.
+    """
+
+    @staticmethod
+    def forward(logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
+        if logits.dtype == torch.float64:
+            return _ce_backward_float64(logits, grad_rows, target, lse, weight, ignore_index, eps)
+        return dispatch.cross_entropy_backward(
+            logits, target, lse, grad_rows, weight, ignore_index, eps, inplace=False,
+            backend=backend,
+        )  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, grad_rows, target, _lse, weight, ignore_index, eps, backend = inputs
+        ctx.opts = (ignore_index, eps, backend)
+        ctx.save_for_backward(logits, grad_rows, target, weight)
+        ctx.save_for_forward(logits, grad_rows, target, weight)
+
+    @staticmethod
+    def backward(ctx, gG):
+        logits, grad_rows, target, weight = ctx.saved_tensors
+        ignore_index, eps, backend = ctx.opts
+        p = _apply_softmax(_up(logits), backend)
+        gc = _up(gG)
+        gz = gg = None
+        if ctx.needs_input_grad[0]:
+            k = p.shape[-1]
+            _, _, _, _, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
+            gz = (_apply_vjp(p, gc, backend) * scale).to(logits.dtype)
+        if ctx.needs_input_grad[1]:
+            g1 = _ce_grad_rows_one(p, target, weight, ignore_index, eps)
+            gg = (gc * g1).sum(-1).to(grad_rows.dtype)
+        return gz, gg, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dz, dg, *_):
+        logits, grad_rows, target, weight = ctx.saved_tensors
+        ignore_index, eps, backend = ctx.opts
+        p = _apply_softmax(_up(logits), backend)
+        out = torch.zeros_like(p)
+        if dz is not None:
+            k = p.shape[-1]
+            _, _, _, _, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
+            out = out + _apply_vjp(p, _up(dz), backend) * scale
+        if dg is not None:
+            g1 = _ce_grad_rows_one(p, target, weight, ignore_index, eps)
+            out = out + g1 * dg.to(p.dtype).unsqueeze(-1)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
+        if in_dims[4] is not None:
+            raise NotImplementedError(
+                "`softjac.cross_entropy`: vmap over `weight` is not supported; vmap over the "
+                "logits, target and cotangents instead."
+            )
+        b = info.batch_size
+        z = _batched(logits, in_dims[0], b)
+        n, k = z.shape[1], z.shape[2]
+        out = _apply_ce_backward(
+            z.reshape(b * n, k),
+            _batched(grad_rows, in_dims[1], b).reshape(b * n),
+            _batched(target, in_dims[2], b).reshape(b * n),
+            _batched(lse, in_dims[3], b).reshape(b * n),
+            weight,
+            ignore_index,
+            eps,
+            backend,
+        )
+        return out.reshape(b, n, k), 0
+
+
+class CrossEntropyRows(torch.autograd.Function):
+    """Per-row cross-entropy ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) +
+    (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (0 for ignored rows) and ``lse_n``, float32 (float64
+    for float64 logits).
+
+    Inputs: logits ``(N, K)`` (any float dtype), int64 target ``(N,)``, weight ``(K,)`` or
+    None (treated as a constant: no gradient), ignore_index, label smoothing ε, backend.
+    Outputs ``(loss (N,), lse (N,))``; ``lse`` is non-differentiable. Backward is
+    :class:`CrossEntropyBackward` (σ − y directly, O(N·K)); saves the logits, target and lse.
+    """
+
+    @staticmethod
+    def forward(logits, target, weight, ignore_index, eps, backend):
+        if logits.dtype == torch.float64:
+            return _ce_forward_float64(logits, target, weight, ignore_index, eps)
+        return dispatch.cross_entropy_forward(
+            logits, target, weight, ignore_index, eps, backend=backend
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, eps, backend = inputs
+        ctx.opts = (ignore_index, eps, backend)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(logits, target, weight, output[1])
+        ctx.save_for_forward(logits, target, weight, output[1])
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lse):
+        logits, target, weight, lse = ctx.saved_tensors
+        ignore_index, eps, backend = ctx.opts
+        # Ignored rows contribute nothing; zeroing their cotangent also keeps a non-finite one
+        # (``mean`` over no valid row divides by 0) from turning 0 · inf into NaN, as in torch.
+        g = torch.where(target != ignore_index, g_loss, torch.zeros_like(g_loss))
+        args = (logits, g, target, lse, weight, ignore_index, eps, backend)
+        if not torch.is_grad_enabled():  # plain backward: the kernel call, no bookkeeping
+            return CrossEntropyBackward.forward(*args), None, None, None, None, None
+        return _apply_ce_backward(*args), None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dz, *_):
+        logits, target, weight, lse = ctx.saved_tensors
+        ignore_index, eps, backend = ctx.opts
+        ones = torch.ones_like(lse)
+        g1 = _apply_ce_backward(logits, ones, target, lse, weight, ignore_index, eps, backend)
+        dloss = (_up(g1) * _up(dz)).sum(-1).to(lse.dtype)
+        return dloss, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, ignore_index, eps, backend):
+        if in_dims[2] is not None:
+            raise NotImplementedError(
+                "`softjac.cross_entropy`: vmap over `weight` is not supported; vmap over the "
+                "logits and target instead."
+            )
+        b = info.batch_size
+        z = _batched(logits, in_dims[0], b)
+        n, k = z.shape[1], z.shape[2]
+        t = _batched(target, in_dims[1], b).reshape(b * n)
+        loss, lse = _apply_ce_rows(z.reshape(b * n, k), t, weight, ignore_index, eps, backend)
+        return (loss.reshape(b, n), lse.reshape(b, n)), (0, 0)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Unreduced, differentiable cross-entropy of 2-D logits ``(N, K)`` and int64 targets
+    ``(N,)``: ``loss_n`` in float32 (float64 for float64 logits; 0 for ignored rows), see :class:`CrossEntropyRows`.
+
+    Gradient ``g_n (a_n σ_n − b_n)`` computed directly in O(N·K); twice differentiable with
+    Hessian ``a_n J_n`` per row. Inputs are not validated here (the public
+    ``softjac.cross_entropy`` does that).
+    """
+    _check_backend("softjac.cross_entropy", backend)
+    return _apply_ce_rows(
+        logits, target, weight, int(ignore_index), float(label_smoothing), backend
+    )[0]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile: Dynamo cannot trace an autograd.Function that defines ``jvp`` (it graph-breaks
+# with "Unsupported custom jvp"). Under compilation the same Functions are used without their
+# ``jvp`` (forward-mode AD is not traced by torch.compile anyway); everything else is shared.
+# --------------------------------------------------------------------------------------------
+
+_NO_JVP = staticmethod(torch.autograd.Function.jvp)
+
+
+class _SoftmaxVJPCompiled(SoftmaxVJP):
+    jvp = _NO_JVP
+
+
+class _SoftmaxLastCompiled(SoftmaxLast):
+    jvp = _NO_JVP
+
+
+class _CrossEntropyBackwardCompiled(CrossEntropyBackward):
+    jvp = _NO_JVP
+
+
+class _CrossEntropyRowsCompiled(CrossEntropyRows):
+    jvp = _NO_JVP
+
+
+def _traceable(backend: str) -> str:
+    # Under compilation "auto" means the torch implementation: Inductor fuses it, and a kernel
+    # called through ctypes or a Triton launcher would break the graph.
+    return "torch" if backend == "auto" else backend
+
+
+def _apply_vjp(p, v, backend):
+    if _compiling():
+        return _SoftmaxVJPCompiled.apply(p, v, _traceable(backend))
+    return SoftmaxVJP.apply(p, v, backend)
+
+
+def _apply_softmax(z, backend):
+    if _compiling():
+        return _SoftmaxLastCompiled.apply(z, _traceable(backend))
+    return SoftmaxLast.apply(z, backend)
+
+
+def _apply_ce_backward(*args):
+    if _compiling():
+        return _CrossEntropyBackwardCompiled.apply(*args[:-1], _traceable(args[-1]))
+    return CrossEntropyBackward.apply(*args)
+
+
+def _apply_ce_rows(*args):
+    if _compiling():
+        return _CrossEntropyRowsCompiled.apply(*args[:-1], _traceable(args[-1]))
+    return CrossEntropyRows.apply(*args)

@@ -1,0 +1,503 @@
+"""Layer 5: cross-entropy with logits, its gradient and its curvature.
+
+``L = reduce_n loss_n`` with ``loss_n = −Σ_c w_c y'_{n,c} log σ(z_n)_c`` and
+``y' = (1 − ε) y + ε / K`` (label smoothing ε, class weights w), exactly as
+``torch.nn.functional.cross_entropy``. Its gradient is ``σ − y`` (per row, scaled by weights and
+the reduction), its Hessian with respect to the logits is ``c_n J_n`` per sample with
+``J = diag(σ) − σσᵀ`` — the structured operator :class:`CrossEntropyHessian` keeps it in
+O(N·K) memory instead of the dense ``(N, K, K)``.
+
+Class-index targets go through the autograd Functions of :mod:`softjac._autograd` (fused
+kernels, backward σ − y computed directly, twice differentiable). Probability targets (and
+class weights that require a gradient) use differentiable torch ops
+(``torch.log_softmax``) — same values, and twice differentiable through PyTorch itself.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from softjac import _autograd, _core
+from softjac._checks import as_float_dtype, check_dim, check_logits, check_tensor, fmt_shape
+from softjac.kernels import dispatch
+
+__all__ = [
+    "CrossEntropyHessian",
+    "cross_entropy",
+    "cross_entropy_grad",
+    "cross_entropy_hessian",
+    "fisher_sqrt",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+class _Prepared:
+    """Validated cross-entropy inputs, flattened to rows: logits ``(M, K)`` with the classes
+    last, and either int64 class indices ``(M,)`` or probabilities ``(M, K)``."""
+
+    def __init__(self, z2, target, probs_target, batch_shape, d, weight, ii, eps, reduction):
+        self.z2 = z2
+        self.target = target
+        self.probs_target = probs_target
+        self.batch_shape = batch_shape
+        self.d = d
+        self.weight = weight
+        self.ignore_index = ii
+        self.eps = eps
+        self.reduction = reduction
+
+
+def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction):
+    check_tensor(fn, "logits", logits)
+    if logits.ndim == 1 and dim == 1:
+        dim = 0  # 1-D logits (K,) with a 0-d target, like F.cross_entropy
+    d = check_dim(fn, dim, logits.ndim)
+    check_logits(fn, logits, d)
+    k = logits.shape[d]
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"`{fn}`: `target` must be a torch.Tensor. Got {type(target).__name__}.")
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            f"`{fn}`: `target` must hold int64 class indices or floating probabilities. "
+            f"Got dtype {target.dtype}."
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
+        raise TypeError(
+            f"`{fn}`: `label_smoothing` must be a real number. "
+            f"Got {type(label_smoothing).__name__}."
+        )
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"`{fn}`: `label_smoothing` must be in [0, 1]. Got {label_smoothing!r}.")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"`{fn}`: `ignore_index` must be an int. Got {type(ignore_index).__name__}."
+        )
+    if weight is not None:
+        check_tensor(fn, "weight", weight)
+        if weight.shape != (k,):
+            raise ValueError(
+                f"`{fn}`: `weight` must have shape ({k},) (one entry per class). "
+                f"Got {fmt_shape(weight.shape)}."
+            )
+        if weight.device != logits.device:
+            raise ValueError(
+                f"`{fn}`: `weight` and `logits` must be on the same device. "
+                f"Got {weight.device} and {logits.device}."
+            )
+    if target.device != logits.device:
+        raise ValueError(
+            f"`{fn}`: `target` and `logits` must be on the same device. "
+            f"Got {target.device} and {logits.device}."
+        )
+    z = logits.movedim(d, -1)
+    batch_shape = z.shape[:-1]
+    z2 = z.reshape(-1, k)
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"`{fn}`: probability `target` must have the shape of `logits`. "
+                f"Got {fmt_shape(target.shape)} and {fmt_shape(logits.shape)}."
+            )
+        t = target.movedim(d, -1).reshape(-1, k)
+        return _Prepared(z2, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
+    want = logits.shape[:d] + logits.shape[d + 1 :]
+    if target.shape != want:
+        raise ValueError(
+            f"`{fn}`: class-index `target` must have the shape of `logits` without dim {d}, "
+            f"i.e. {fmt_shape(want)}. Got {fmt_shape(target.shape)}."
+        )
+    t = target.reshape(-1).long()
+    return _Prepared(z2, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+
+
+def _smoothed(prep: _Prepared, cd: torch.dtype):
+    """Probability targets: ``w ⊙ y'`` rows ``(M, K)`` in the compute dtype."""
+    k = prep.z2.shape[-1]
+    y = prep.target.to(cd)
+    if prep.eps > 0:
+        y = (1.0 - prep.eps) * y + prep.eps / k
+    if prep.weight is not None:
+        y = y * prep.weight.to(cd)
+    return y
+
+
+def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
+    """``Σ_n w[y_n]`` over non-ignored rows (the 'mean' divisor of F.cross_entropy)."""
+    k = prep.z2.shape[-1]
+    _, _, _, w_y, _ = _autograd._ce_terms(
+        prep.target, prep.weight, prep.ignore_index, 0.0, k, prep.z2.device, cd
+    )
+    return w_y.sum()
+
+
+def _reduce(prep: _Prepared, rows: torch.Tensor, denominator) -> torch.Tensor:
+    if prep.reduction == "none":
+        return rows.reshape(prep.batch_shape)
+    total = rows.sum()
+    return total / denominator if prep.reduction == "mean" else total
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dim: int = 1,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy between logits and targets, ``torch.nn.functional.cross_entropy``'s twin.
+
+    ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` for class
+    indices (0 where ``y_n == ignore_index``), ``−Σ_c w_c y'_{n,c} log σ_{n,c}`` with
+    ``y' = (1 − ε) y + ε/K`` for probabilities. ``'mean'`` divides by ``Σ_n w[y_n]`` over the
+    non-ignored samples (NaN when there are none, like PyTorch) for class indices and by the
+    number of samples for probabilities.
+
+    Class-index targets run through an autograd Function: fused forward (float32 math for
+    half inputs), backward ``σ − y`` computed directly and never in place on the logits,
+    forward-mode AD, double backward (Hessian ``c_n J_n`` per sample), ``torch.func`` and
+    ``torch.compile``. Probability targets use ``torch.log_softmax`` (also twice differentiable).
+
+    Args:
+        logits: floating tensor ``(K,)``, ``(N, K)`` or ``(N, K, d1, ...)`` with the classes at
+            ``dim`` (default 1; 1-D logits use dim 0).
+        target: class indices (integer dtype) of the logits' shape without ``dim`` (0-d for
+            1-D logits), or floating class probabilities of the logits' shape.
+        dim: the class dimension.
+        weight: class weights ``(K,)``, or None. A weight that requires grad gets its gradient
+            (through the torch-ops path).
+        ignore_index: class-index value whose samples contribute neither loss nor gradient.
+        label_smoothing: ε in [0, 1].
+        reduction: ``'none' | 'mean' | 'sum'``.
+        backend: kernel choice, ``'auto' | 'torch' | 'triton' | 'cpu'``.
+
+    Returns:
+        The loss in the logits' dtype: a scalar, or the target's batch shape for ``'none'``.
+        Cost O(N·K) time, O(N) extra memory (the log-sum-exp per row) besides the saved logits.
+
+    Raises:
+        TypeError: non-tensor or non-floating logits, boolean/complex target.
+        ValueError: shapes that do not match, label smoothing outside [0, 1], unknown
+            reduction, weight of the wrong shape.
+    """
+    fn = "softjac.cross_entropy"
+    prep = _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction)
+    cd = as_float_dtype(logits.dtype)
+    if prep.probs_target:
+        logp = torch.log_softmax(prep.z2.to(cd), dim=-1)
+        rows = -(_smoothed(prep, cd) * logp).sum(-1)
+        return _reduce(prep, rows, rows.shape[0]).to(logits.dtype)
+    if weight is not None and weight.requires_grad:
+        rows = _class_rows_torch(prep, cd)
+    else:
+        rows = _autograd.cross_entropy_rows(
+            prep.z2, prep.target, weight, ignore_index, prep.eps, backend
+        )
+    denom = _class_denominator(prep, rows.dtype) if reduction == "mean" else None
+    return _reduce(prep, rows, denom).to(logits.dtype)
+
+
+def _class_rows_torch(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
+    """Class-index per-row losses with differentiable torch ops (used when ``weight``
+    requires grad, which the fused Function treats as a constant)."""
+    z = prep.z2.to(cd)
+    k = z.shape[-1]
+    logp = torch.log_softmax(z, dim=-1)
+    valid, y, w, w_y, _ = _autograd._ce_terms(
+        prep.target, prep.weight, prep.ignore_index, prep.eps, k, z.device, cd
+    )
+    rows = -(1.0 - prep.eps) * w_y * logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if prep.eps > 0:
+        rows = rows - (prep.eps / k) * (w * logp).sum(-1) * valid
+    return rows
+
+
+def cross_entropy_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dim: int = 1,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``∂L/∂logits`` of :func:`cross_entropy`, computed directly as ``σ − y`` (no autograd).
+
+    Per row: class indices ``s_n ((1 − ε) w[y_n] + (ε/K) Σ_c w[c]) σ_n − s_n ((1 − ε) w[y_n]
+    e_{y_n} + (ε/K) w)``; probabilities ``s_n (⟨w, y'_n⟩ σ_n − w ⊙ y'_n)``. The scale ``s_n`` is
+    1 for ``'sum'``, ``1 / Σ_m w[y_m]`` (class indices) or ``1 / N`` (probabilities) for
+    ``'mean'``; for ``'none'`` the result is the gradient of the sum, i.e. every sample's own
+    gradient ``∂loss_n/∂z_n`` in its slice. Ignored samples get 0 (all ignored with
+    ``'mean'``: all zeros, as PyTorch's autograd gives).
+
+    Same arguments, semantics and errors as :func:`cross_entropy`. Returns a tensor of the
+    logits' shape and dtype (float32 math for half inputs). Cost O(N·K); not differentiable —
+    differentiate :func:`cross_entropy` twice for second derivatives.
+    """
+    fn = "softjac.cross_entropy_grad"
+    prep = _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction)
+    cd = as_float_dtype(logits.dtype)
+    with torch.no_grad():
+        z = prep.z2.to(cd)
+        m = z.shape[0]
+        if prep.probs_target:
+            p = _core.softmax_last(z)
+            wy = _smoothed(prep, cd)
+            g = p * wy.sum(-1, keepdim=True) - wy
+            if reduction == "mean":
+                g = g / m
+        else:
+            lse = torch.logsumexp(z, dim=-1)
+            valid = prep.target != ignore_index
+            scale = torch.ones(m, dtype=cd, device=z.device)
+            if reduction == "mean":
+                scale = scale / _class_denominator(prep, cd)
+            scale = torch.where(valid, scale, torch.zeros_like(scale))
+            w = None if weight is None else weight.detach()
+            g = _autograd.CrossEntropyBackward.forward(
+                z, scale, prep.target, lse, w, ignore_index, prep.eps, backend
+            )
+        g = g.to(logits.dtype).reshape(*prep.batch_shape, z.shape[-1])
+    return g.movedim(-1, prep.d)
+
+
+class CrossEntropyHessian:
+    """The Hessian of a cross-entropy loss with respect to the logits, block diagonal:
+    ``H = blockdiag_n(c_n J_n)`` with ``J_n = diag(σ_n) − σ_n σ_nᵀ``, shape ``(N, K, K)``.
+
+    Holds only ``probs`` σ ``(N, K)`` and ``coef`` c ``(N,)``: O(N·K) memory where the dense
+    blocks (BackPACK-style) take O(N·K²). Symmetric; positive semidefinite when every
+    ``c_n >= 0`` (always, for non-negative class weights). Products, diagonal and trace are
+    closed forms on σ scaled by c; the spectrum comes from the batched
+    ``softjac.SoftmaxJacobian`` of the blocks (:attr:`jacobian`), scaled by c.
+
+    Attributes:
+        probs: σ, ``(N, K)``, in the compute dtype (float32 for half logits).
+        coef: c, ``(N,)``, the per-sample reduction weights.
+    """
+
+    is_symmetric = True
+
+    def __init__(self, probs: torch.Tensor, coef: torch.Tensor):
+        self.probs = probs
+        self.coef = coef
+        self._jacobian = None
+
+    @property
+    def shape(self) -> torch.Size:
+        n, k = self.probs.shape
+        return torch.Size((n, k, k))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.probs.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.probs.device
+
+    @property
+    def is_positive_semidefinite(self) -> bool:
+        """True when every ``c_n >= 0`` (reads the coefficients: a device sync on GPU)."""
+        return bool((self.coef >= 0).all())
+
+    @property
+    def T(self) -> CrossEntropyHessian:
+        """The transpose: the operator itself (it is symmetric)."""
+        return self
+
+    def __repr__(self) -> str:
+        n, k = self.probs.shape
+        return f"CrossEntropyHessian(N={n}, K={k}, dtype={self.dtype}, device={self.device})"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``H x``: ``c_n (σ_n ⊙ (x_n − ⟨σ_n, x_n⟩))`` per sample, for ``x`` of shape ``(N, K)``
+        or ``(N, K, m)``. O(N·K·m); the argmax entry is computed without cancellation.
+        """
+        fn = "softjac.CrossEntropyHessian.matmul"
+        check_tensor(fn, "x", x)
+        n, k = self.probs.shape
+        if x.ndim not in (2, 3) or tuple(x.shape[:2]) != (n, k):
+            raise ValueError(
+                f"`{fn}`: `x` must have shape ({n}, {k}) or ({n}, {k}, m). "
+                f"Got {fmt_shape(x.shape)}."
+            )
+        xc = x.to(self.dtype)
+        if x.ndim == 2:
+            return dispatch.softmax_vjp(self.probs, xc) * self.coef.unsqueeze(-1)
+        xt = xc.transpose(1, 2)  # (N, m, K)
+        p = self.probs.unsqueeze(1).expand(xt.shape)
+        out = dispatch.softmax_vjp(p, xt) * self.coef[:, None, None]
+        return out.transpose(1, 2)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x H`` for ``x`` of shape ``(N, K)`` or ``(N, m, K)`` (= ``(H xᵀ)ᵀ``, H symmetric)."""
+        if isinstance(x, torch.Tensor) and x.ndim == 3:
+            return self.matmul(x.transpose(1, 2)).transpose(1, 2)
+        return self.matmul(x)
+
+    def to_dense(self) -> torch.Tensor:
+        """The blocks ``c_n J_n``, shape ``(N, K, K)``; O(N·K²) memory (check it fits)."""
+        return _core.jacobian_last(self.probs) * self.coef[:, None, None]
+
+    def diagonal(self) -> torch.Tensor:
+        """``c_n σ_{n,i} (1 − σ_{n,i})``, shape ``(N, K)``, with ``1 − σ`` of the argmax taken
+        as the sum of the other entries (accurate); O(N·K)."""
+        p = self.probs
+        idx = _core.argmax_index(p)
+        one_minus = (1 - p).scatter(-1, idx, _core.max_complement(p, idx))
+        return p * one_minus * self.coef.unsqueeze(-1)
+
+    def trace(self) -> torch.Tensor:
+        """``c_n (1 − Σ_i σ_{n,i}²)`` per sample, shape ``(N,)``; O(N·K)."""
+        return self.diagonal().sum(-1)
+
+    @property
+    def jacobian(self):
+        """The per-sample softmax Jacobians ``J_n`` as a ``softjac.SoftmaxJacobian`` of batch
+        ``(N,)`` (built on first use from σ; the structured operator issue's class)."""
+        if self._jacobian is None:
+            from softjac._operator import SoftmaxJacobian
+
+            self._jacobian = SoftmaxJacobian(probs=self.probs)
+        return self._jacobian
+
+    def eigvalsh(self) -> torch.Tensor:
+        """Eigenvalues of every block, ascending, ``(N, K)``: ``c_n λ(J_n)``.
+
+        ``λ(J_n)`` from :meth:`softjac.SoftmaxJacobian.eigvalsh` (secular equation, exact 0s,
+        each eigenvalue accurate relative to itself); O(N·K²), no autograd. Blocks with
+        ``c_n < 0`` (negative class weights) are re-sorted.
+        """
+        lam = self.jacobian.eigvalsh() * self.coef.unsqueeze(-1)
+        return torch.where((self.coef < 0).unsqueeze(-1), lam.flip(-1), lam)
+
+    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues ``c_n λ(J_n)`` and orthonormal eigenvectors of every block (those of
+        ``J_n``), from :meth:`softjac.SoftmaxJacobian.eigh`; O(N·K²) (plus the K×K output).
+        Needs ``c_n >= 0`` for the ascending order."""
+        lam, q = self.jacobian.eigh()
+        return lam * self.coef.unsqueeze(-1), q
+
+
+def _logits_rows(fn: str, logits: object) -> torch.Tensor:
+    """Validate logits ``(K,)`` or ``(N, K)`` (classes last); return ``(N, K)`` in the compute
+    dtype."""
+    check_tensor(fn, "logits", logits)
+    assert isinstance(logits, torch.Tensor)
+    if logits.ndim not in (1, 2):
+        raise ValueError(
+            f"`{fn}`: `logits` must have shape (K,) or (N, K) with the classes last. "
+            f"Got {fmt_shape(logits.shape)}."
+        )
+    check_logits(fn, logits, -1)
+    return logits.reshape(-1, logits.shape[-1]).to(as_float_dtype(logits.dtype))
+
+
+def cross_entropy_hessian(
+    logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> CrossEntropyHessian:
+    """Hessian of :func:`cross_entropy` with respect to the logits, as a structured operator.
+
+    ``∂²L/∂z_n∂z_m = δ_nm c_n J_n``, ``J_n = diag(σ_n) − σ_nσ_nᵀ``, with the per-sample reduction
+    weight ``c_n``: ``w[y_n]`` for ``'sum'``/``'none'`` (0 if ignored) and
+    ``w[y_n] / Σ_m w[y_m]`` for ``'mean'``; for probability targets ``⟨w, y_n⟩`` (and ``/ N``
+    for ``'mean'``); without a target ``1`` (or ``1 / N``) — the Hessian does not depend on
+    the labels, only its scale does. This is the generalised Gauss–Newton / Fisher block of a
+    softmax classifier.
+
+    Args:
+        logits: ``(N, K)`` or ``(K,)``, classes on the last dim.
+        target: None, class indices ``(N,)`` (integer dtype), or probabilities ``(N, K)``.
+        weight: class weights ``(K,)`` (needs a target).
+        ignore_index: class-index value whose samples get ``c_n = 0``.
+        reduction: ``'none' | 'mean' | 'sum'`` (``'none'``: the blocks of each ``loss_n``).
+
+    Returns:
+        :class:`CrossEntropyHessian` holding σ and c: O(N·K) memory and time.
+    """
+    fn = "softjac.cross_entropy_hessian"
+    z = _logits_rows(fn, logits)
+    n, k = z.shape
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
+    p = _core.softmax_last(z.detach())
+    if target is None:
+        if weight is not None:
+            raise ValueError(f"`{fn}`: `weight` needs a `target` (c_n = weight[target_n]).")
+        coef = torch.ones(n, dtype=p.dtype, device=p.device)
+        if reduction == "mean":
+            coef = coef / n
+        return CrossEntropyHessian(p, coef)
+    prep = _prepare(fn, logits, target, -1, weight, ignore_index, 0.0, reduction)
+    if prep.probs_target:
+        coef = _smoothed(prep, p.dtype).sum(-1)
+        if reduction == "mean":
+            coef = coef / n
+    else:
+        _, _, _, w_y, _ = _autograd._ce_terms(
+            prep.target, weight, ignore_index, 0.0, k, p.device, p.dtype
+        )
+        coef = w_y / w_y.sum() if reduction == "mean" else w_y
+    return CrossEntropyHessian(p, coef.detach())
+
+
+def fisher_sqrt(
+    logits: torch.Tensor,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Square-root factor S of the softmax Fisher / GGN block ``J = diag(σ) − σσᵀ``: S Sᵀ = J.
+
+    Exact (``num_samples=None``): ``S_n = diag(√σ_n) − σ_n √σ_nᵀ``, shape ``(N, K, K)``
+    (``S Sᵀ = diag(σ) − 2σσᵀ + σσᵀ Σσ = J`` since Σσ = 1); O(N·K²).
+
+    Monte Carlo (``num_samples=M``): labels ``ŷ_m ~ Categorical(σ_n)`` and columns
+    ``(σ_n − e_{ŷ_m}) / √M``, shape ``(N, K, M)``; ``E[S Sᵀ] = J`` (unbiased); O(N·K·M).
+    A fully masked row (σ = 0) gives S = 0.
+
+    Args:
+        logits: ``(N, K)`` or ``(K,)`` (then ``N = 1``), classes on the last dim.
+        num_samples: None for the exact factor, else M >= 1 sampled labels per sample.
+        generator: ``torch.Generator`` for the sampling (reproducible factors).
+
+    Returns:
+        Tensor in the compute dtype (float32 for half logits), not differentiable.
+    """
+    fn = "softjac.fisher_sqrt"
+    z = _logits_rows(fn, logits).detach()
+    p = _core.softmax_last(z)
+    n, k = p.shape
+    if num_samples is None:
+        r = p.sqrt()
+        return torch.diag_embed(r) - p.unsqueeze(-1) * r.unsqueeze(-2)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`{fn}`: `num_samples` must be an int >= 1 or None. Got {num_samples!r}.")
+    alive = p.sum(-1, keepdim=True) > 0
+    draw_from = torch.where(alive, p, torch.full_like(p, 1.0 / k))
+    labels = torch.multinomial(draw_from, num_samples, replacement=True, generator=generator)
+    onehot = torch.zeros(n, num_samples, k, dtype=p.dtype, device=p.device)
+    onehot.scatter_(-1, labels.unsqueeze(-1), 1.0)
+    s = (p.unsqueeze(1) - onehot) * alive.unsqueeze(1) / math.sqrt(num_samples)
+    return s.transpose(1, 2)
