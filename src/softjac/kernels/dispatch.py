@@ -6,7 +6,25 @@ in at least float32. ``"auto"`` chooses the fastest correct path for the device,
 shape and falls back silently; an explicit backend that cannot run raises ``RuntimeError``
 with the reason.
 
-Contract (the kernels issue fills in the fast paths; ``"torch"`` is ``softjac._core``):
+Backends:
+
+* ``"torch"``: ``softjac.kernels._torch`` (``softjac._core`` in at least float32); any device.
+* ``"triton"``: ``softjac.kernels._triton``; CUDA tensors, or CPU tensors when the environment
+  has ``TRITON_INTERPRET=1`` (the Triton interpreter; slow, for tests). Needs ``triton``.
+* ``"cpu"``: CPU tensors. ``softmax_vjp``, ``softmax_vjp_from_logits`` (every dtype) and the
+  cross-entropy pair (float32/bfloat16/float16 logits) run the C kernels of
+  ``softjac.kernels._cpu`` (compiled at first use; needs a C compiler); the dense Jacobian and
+  float64 cross-entropy have no C kernel and run the PyTorch implementation on the CPU.
+* ``"auto"``: CUDA tensors of float16/bfloat16/float32 with triton installed → ``"triton"``;
+  CPU tensors → the C kernel where there is one for the op and dtype and it compiled (float64
+  included: the VJP kernel meets the same float64 accuracy tests as ``softjac._core``), else
+  ``"torch"``; everything else → ``"torch"``. It also stays on ``"torch"`` where the kernels
+  cannot or must not see the data: inputs that require grad while grad mode is on (autograd
+  must record the ops), tensors inside ``torch.func`` transforms (no storage), tensor
+  subclasses and ``torch.compile`` tracing. Never imports triton unless it is installed and
+  will be used.
+
+Contract (every backend meets it):
 
 * ``softmax_vjp(probs, v)`` → ``J v`` with ``J = diag(σ) − σσᵀ`` (argmax entry accurate).
 * ``softmax_vjp_from_logits(logits, lse, v)`` → the same with ``σ = exp(logits − lse)``
@@ -25,60 +43,155 @@ Contract (the kernels issue fills in the fast paths; ``"torch"`` is ``softjac._c
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import TYPE_CHECKING
+
 import torch
 
-from softjac import _core
-from softjac._checks import as_float_dtype
+from softjac.kernels import _cpu, _torch
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 __all__ = [
     "BACKENDS",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "resolve_backend",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Ops with a C kernel (for these dtypes); the others run the PyTorch code under backend="cpu".
+_ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_C_OPS = {
+    "softmax_vjp": _ALL,
+    "softmax_vjp_from_logits": _ALL,
+    "cross_entropy_forward": _cpu.CE_DTYPES,
+    "cross_entropy_backward": _cpu.CE_DTYPES,
+}
 
 
-def _check_backend(fn: str, backend: str) -> str:
+def _has_c_kernel(op: str, x: torch.Tensor) -> bool:
+    return x.dtype in _C_OPS.get(op, ())
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _triton_module() -> ModuleType:
+    from softjac.kernels import _triton  # imports triton: only ever reached when it is used
+
+    return _triton
+
+
+def _opaque(x: torch.Tensor) -> str:
+    """Why the kernels cannot take ``x`` (they need its memory), or ``""`` when they can."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile tracing"
+    if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+        return f"a tensor subclass ({type(x).__name__})"
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or not torch._C._has_storage(x):
+        return "a tensor without storage (inside vmap or another torch.func transform)"
+    return ""
+
+
+def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
+    """The concrete backend (``"torch"``, ``"triton"`` or ``"cpu"``) for ``op`` on ``x``.
+
+    ``fn`` is the public name used in error messages; ``others`` are further tensor inputs.
+    ``"auto"`` never raises and keeps to ``"torch"`` where autograd must see the computation
+    (inputs that require grad with grad mode on), inside ``torch.func`` transforms and
+    ``torch.compile``; an explicit backend that cannot run raises ``RuntimeError``.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"`{fn}`: `backend` must be one of {BACKENDS}. Got {backend!r}.")
+    dev = x.device.type
     if backend in ("triton", "cpu"):
-        raise RuntimeError(f"`{fn}`: backend {backend!r} is not available in this build.")
+        for t in (x, *others):
+            why = _opaque(t)
+            if why:
+                raise RuntimeError(
+                    f"`{fn}`: backend {backend!r} needs plain tensors with memory. Got {why}; "
+                    "use backend='auto' or 'torch' there."
+                )
+    if backend == "auto":
+        tensors = (x, *others)
+        if any(_opaque(t) for t in tensors):
+            return "torch"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return "torch"
+        if dev == "cuda" and x.dtype in _TRITON_DTYPES and _triton_installed():
+            return "triton"
+        if dev == "cpu" and _has_c_kernel(op, x) and _cpu.available():
+            return "cpu"
+        return "torch"
+    if backend == "triton":
+        if not _triton_installed():
+            raise RuntimeError(
+                f"`{fn}`: backend 'triton' needs the `triton` package, which is not installed "
+                "(pip install 'softjac[triton]')."
+            )
+        if dev != "cuda" and not (dev == "cpu" and _interpreting()):
+            raise RuntimeError(
+                f"`{fn}`: backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1. "
+                f"Got device {x.device}."
+            )
+        return "triton"
+    if backend == "cpu":
+        if dev != "cpu":
+            raise RuntimeError(f"`{fn}`: backend 'cpu' needs CPU tensors. Got device {x.device}.")
+        if _has_c_kernel(op, x) and not _cpu.available():
+            raise RuntimeError(
+                f"`{fn}`: backend 'cpu' is unavailable: {_cpu.unavailable_reason()}."
+            )
+        return "cpu"
     return "torch"
 
 
-def _up(x: torch.Tensor) -> torch.Tensor:
-    return x.to(as_float_dtype(x.dtype))
-
-
 def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    _check_backend("softjac.vjp_from_probs", backend)
-    return _core.vjp_last(_up(probs), _up(v)).to(probs.dtype)
+    """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim, ``σ = probs``; the argmax entry is
+    ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``. O(K) per row; reads σ and v once, writes once.
+    Returns the dtype of ``probs`` (computed in at least float32)."""
+    chosen = resolve_backend("softjac.vjp_from_probs", backend, probs, "softmax_vjp", v)
+    if chosen == "torch" or probs.numel() == 0:
+        return _torch.softmax_vjp(probs, v)
+    v = v.to(probs.dtype)
+    if chosen == "cpu":
+        return _cpu.softmax_vjp(probs, v)
+    return _triton_module().softmax_vjp(probs, v)
 
 
 def softmax_vjp_from_logits(
     logits: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    _check_backend("softjac.vjp", backend)
-    probs = (_up(logits) - lse).exp()
-    return _core.vjp_last(probs, _up(v)).to(logits.dtype)
+    """``J v`` with ``σ = exp(logits − lse)`` (``lse`` of shape ``(..., 1)``); masked −inf
+    logits give σ = 0. The Triton and C kernels recompute σ on the fly (traffic 3·K elements per
+    row + one lse). Returns the dtype of ``logits``."""
+    chosen = resolve_backend("softjac.vjp", backend, logits, "softmax_vjp_from_logits", lse, v)
+    if chosen == "torch" or logits.numel() == 0:
+        return _torch.softmax_vjp_from_logits(logits, lse, v)
+    if chosen == "cpu":
+        return _cpu.softmax_vjp_from_logits(logits, lse, v.to(logits.dtype))
+    return _triton_module().softmax_vjp(logits, v.to(logits.dtype), lse=lse)
 
 
 def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    _check_backend("softjac.jacobian", backend)
-    return _core.jacobian_last(_up(probs)).to(probs.dtype)
-
-
-def _smoothing_terms(logits32, target, weight, ignore_index, label_smoothing):
-    n, k = logits32.shape
-    valid = target != ignore_index
-    safe_t = torch.where(valid, target, torch.zeros_like(target))
-    w = torch.ones(k, dtype=torch.float32, device=logits32.device) if weight is None else weight.float()
-    w_y = torch.where(valid, w[safe_t], torch.zeros((), device=logits32.device))
-    return valid, safe_t, w, w_y
+    """Dense ``diag(σ) − σσᵀ`` of shape ``(..., K, K)``; O(K²) per row, the argmax diagonal
+    entry as ``σ_{i*} Σ_{j≠i*} σ_j``. Returns the dtype of ``probs``."""
+    chosen = resolve_backend("softjac.jacobian", backend, probs, "softmax_jacobian_dense")
+    if chosen == "triton" and probs.numel():
+        return _triton_module().softmax_jacobian_dense(probs)
+    return _torch.softmax_jacobian_dense(probs)
 
 
 def cross_entropy_forward(
@@ -90,17 +203,16 @@ def cross_entropy_forward(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_backend("softjac.cross_entropy", backend)
-    z = logits.float()
-    k = z.shape[-1]
-    lse = torch.logsumexp(z, dim=-1)
-    valid, safe_t, w, w_y = _smoothing_terms(z, target, weight, ignore_index, label_smoothing)
-    nll = lse - z.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
-    loss = (1 - label_smoothing) * w_y * nll
-    if label_smoothing > 0:
-        smooth = (w * (lse.unsqueeze(-1) - z)).sum(-1)
-        loss = loss + (label_smoothing / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
-    return loss, lse
+    """``(loss_rows, lse)`` (float32, ``(N,)``) for ``(N, K)`` logits, see the module doc.
+    The Triton kernel reads each row once (online log-sum-exp)."""
+    chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
+    if chosen == "triton":
+        return _triton_module().cross_entropy_forward(
+            logits, target, weight, ignore_index, label_smoothing
+        )
+    if chosen == "cpu" and _has_c_kernel("cross_entropy_forward", logits):
+        return _cpu.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
+    return _torch.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
 
 
 def cross_entropy_backward(
@@ -115,18 +227,19 @@ def cross_entropy_backward(
     inplace: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    _check_backend("softjac.cross_entropy", backend)
-    z = logits.float()
-    k = z.shape[-1]
-    valid, safe_t, w, w_y = _smoothing_terms(z, target, weight, ignore_index, label_smoothing)
-    p = (z - lse.unsqueeze(-1)).exp()
-    eps = label_smoothing
-    coef = (1 - eps) * w_y + (eps / k) * torch.where(valid, w.sum(), torch.zeros((), device=z.device))
-    g = p * coef.unsqueeze(-1)
-    g = g.scatter_add(-1, safe_t.unsqueeze(-1), (-(1 - eps) * w_y).unsqueeze(-1))
-    if eps > 0:
-        g = g - (eps / k) * w * valid.unsqueeze(-1)
-    g = g * grad_rows.float().unsqueeze(-1)
-    if inplace:
-        return logits.copy_(g)
-    return g.to(logits.dtype)
+    """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; the
+    Triton kernel reads each logit once and writes once (into ``logits`` when ``inplace``)."""
+    chosen = resolve_backend(
+        "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
+    )
+    if chosen == "triton":
+        return _triton_module().cross_entropy_backward(
+            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+        )
+    if chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits):
+        return _cpu.cross_entropy_backward(
+            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+        )
+    return _torch.cross_entropy_backward(
+        logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+    )

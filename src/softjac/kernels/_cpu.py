@@ -1,0 +1,307 @@
+"""CPU kernels: a small plain-C file compiled at first use and called through ctypes.
+
+Why this design (``docs/benchmarks.md`` has the numbers): PyTorch's native softmax backward
+on CPU runs far below the copy bandwidth at large K; the fused loops in ``_cpu_kernels.c``
+read σ and v once from DRAM (the second look at a row is served from cache) and write once,
+with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
+which the native kernel does not. The C file has no Python headers, so it builds in about half
+a second with any C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and needs no build step at
+install time; the shared object is cached per user in ``$SOFTJAC_CACHE_DIR`` or
+``$XDG_CACHE_HOME/softjac`` or ``~/.cache/softjac``, named by a hash of the source, the
+compiler, its flags and the machine, written to a temporary name and renamed atomically, so
+concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls back to torch and
+``backend="cpu"`` raises with the compiler's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CE_DTYPES",
+    "available",
+    "cross_entropy_backward",
+    "cross_entropy_forward",
+    "softmax_vjp",
+    "softmax_vjp_from_logits",
+    "unavailable_reason",
+]
+
+# Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
+CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_SOURCE = Path(__file__).with_name("_cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_ABI = 3
+_SUFFIX = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("SOFTJAC_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softjac"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _machine_tag() -> bytes:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+        if lines:
+            return "".join(lines).encode()
+    except OSError:
+        pass
+    return (platform.machine() + platform.processor() + sys.platform).encode()
+
+
+def _build(cc: str, flags: list[str]) -> Path:
+    """Compile the C source into the cache (once per source/compiler/flags/machine)."""
+    src = _SOURCE.read_bytes()
+    parts = [src, cc.encode(), " ".join(flags).encode(), _machine_tag()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    out_dir = _cache_dir()
+    target = out_dir / f"softjac_cpu_{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=60
+        )
+        if proc.returncode != 0:
+            raise OSError(f"`{cc}` failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: a concurrent builder just overwrites the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        if os.environ.get("SOFTJAC_DISABLE_CPU_KERNEL"):
+            _error = "it is disabled by the environment variable SOFTJAC_DISABLE_CPU_KERNEL"
+            return None
+        cc = _compiler()
+        if cc is None:
+            _error = "no C compiler was found (set $CC, or install gcc or clang)"
+            return None
+        lib = None
+        errors = []
+        # -fopenmp may be missing (e.g. Apple clang): then build single-threaded; a compiler
+        # that does not know -march=native gets a generic build.
+        no_omp = [f for f in _FLAGS if f != "-fopenmp"]
+        for flags in (_FLAGS, no_omp, [f for f in no_omp if f != "-march=native"]):
+            try:
+                lib = ctypes.CDLL(str(_build(cc, flags)))
+                break
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(str(exc))
+        if lib is None:
+            _error = "compiling the C kernel failed: " + " | ".join(errors)
+            return None
+        if lib.softjac_cpu_abi() != _ABI:
+            _error = "the cached C kernel has the wrong ABI version; clear " + str(_cache_dir())
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        for suffix in _SUFFIX.values():
+            fn = getattr(lib, f"softjac_vjp_{suffix}")
+            fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            fn = getattr(lib, f"softjac_vjp_logits_{suffix}")
+            fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            if suffix == "f64":
+                continue
+            f32, cint = ctypes.c_float, ctypes.c_int
+            fn = getattr(lib, f"softjac_ce_fwd_{suffix}")
+            fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, f32, cint]
+            fn.restype = ctypes.c_int
+            fn = getattr(lib, f"softjac_ce_bwd_{suffix}")
+            fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
+            fn.restype = ctypes.c_int
+        _lib = lib
+        return _lib
+
+
+def available() -> bool:
+    """Whether the C kernel is built (building it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False (empty string when it is True)."""
+    _load()
+    return _error or ""
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` viewed as ``(N, K)`` rows with unit last stride; returns the view and its row
+    stride. Copies only when the batch dimensions cannot be flattened into one stride."""
+    k = x.shape[-1]
+    if x.is_contiguous():
+        return x, k
+    if x.stride(-1) != 1 and k > 1:
+        x = x.contiguous()
+    if x.dim() == 1:
+        return x, k
+    try:
+        x2 = x.view(-1, k)
+    except RuntimeError:
+        x2 = x.reshape(-1, k).contiguous()
+    return x2, x2.stride(0) if x2.shape[0] > 1 else k
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernel is unavailable: {_error}")
+    return lib
+
+
+def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim by the C kernel; O(K) per row, one read
+    of σ and v from memory and one write; the argmax entry is
+    ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``. ``probs`` and ``v``: CPU tensors of one dtype
+    (float16/bfloat16/float32/float64) and shape; the result has that dtype."""
+    lib = _lib_or_raise()
+    shape = probs.shape
+    k = shape[-1] if probs.dim() else 1
+    p2, sp = _rows(probs)
+    v2, sv = _rows(v)
+    out = torch.empty(shape, dtype=probs.dtype)
+    o2, so = _rows(out)
+    n = p2.numel() // k if k else 0
+    if n and k:
+        fn = getattr(lib, f"softjac_vjp_{_SUFFIX[probs.dtype]}")
+        fn(p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, torch.get_num_threads())
+    return out
+
+
+def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` with ``σ = exp(z − lse)`` recomputed in the kernel (a vectorised exp, float32
+    accurate; σ below 1.2e-38 counts as 0); ``lse`` holds one value per row (shape
+    ``(..., 1)``). Same passes and accuracy as :func:`softmax_vjp`."""
+    lib = _lib_or_raise()
+    shape = z.shape
+    k = shape[-1] if z.dim() else 1
+    z2, sz = _rows(z)
+    v2, sv = _rows(v)
+    out = torch.empty(shape, dtype=z.dtype)
+    o2, so = _rows(out)
+    n = z2.numel() // k if k else 0
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    lse1 = lse.to(acc).reshape(-1).contiguous()
+    lse1 = torch.where(torch.isfinite(lse1), lse1, torch.zeros((), dtype=acc))  # masked rows
+    if n and k:
+        fn = getattr(lib, f"softjac_vjp_logits_{_SUFFIX[z.dtype]}")
+        fn(z2.data_ptr(), lse1.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so,
+           torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def _weight_args(weight: torch.Tensor | None) -> tuple[torch.Tensor | None, int, float]:
+    if weight is None:
+        return None, 0, 0.0
+    w = weight.to(torch.float32).contiguous()
+    return w, w.data_ptr(), float(w.sum())
+
+
+def cross_entropy_forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits of a dtype in ``CE_DTYPES``:
+    per row a max pass (from memory) and an exp-sum pass (from cache); the formula is in
+    ``softjac.kernels.dispatch``. Targets out of ``[0, K)`` count as ignored."""
+    lib = _lib_or_raise()
+    n, k = logits.shape
+    z2, sz = _rows(logits)
+    tgt = target.to(torch.int64).contiguous()
+    loss = torch.empty(n, dtype=torch.float32)
+    lse = torch.empty(n, dtype=torch.float32)
+    w, wp, w_sum = _weight_args(weight)
+    if n and k:
+        fn = getattr(lib, f"softjac_ce_fwd_{_SUFFIX[logits.dtype]}")
+        fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+           loss.data_ptr(), lse.data_ptr(), n, k, sz, ignore_index, float(label_smoothing),
+           torch.get_num_threads())  # fmt: skip
+    return loss, lse
+
+
+def cross_entropy_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    *,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits, one read and one write per element
+    (into ``logits`` itself when ``inplace``, which needs unit stride along K)."""
+    lib = _lib_or_raise()
+    n, k = logits.shape
+    if inplace:
+        if k > 1 and logits.stride(1) != 1:
+            raise ValueError(
+                "`softjac.cross_entropy`: `inplace=True` needs logits with unit stride along "
+                f"the class dim. Got strides {tuple(logits.stride())}."
+            )
+        z2, sz = logits, (logits.stride(0) if n > 1 else k)
+        out, so = logits, sz
+    else:
+        z2, sz = _rows(logits)
+        out = torch.empty((n, k), dtype=logits.dtype)
+        so = k
+    tgt = target.to(torch.int64).contiguous()
+    lse1 = lse.to(torch.float32).reshape(-1).contiguous()
+    g = grad_rows.to(torch.float32).expand(n).contiguous()
+    w, wp, w_sum = _weight_args(weight)
+    if n and k:
+        fn = getattr(lib, f"softjac_ce_bwd_{_SUFFIX[logits.dtype]}")
+        fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+           lse1.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, sz, so, ignore_index,
+           float(label_smoothing), torch.get_num_threads())  # fmt: skip
+    return out

@@ -1,0 +1,316 @@
+/* softjac CPU kernels: the softmax VJP  J v = p * (v - <p, v>)  with J = diag(p) - p p^T,
+ * from probabilities or from logits, and the fused cross-entropy forward/backward.
+ *
+ * Plain C (no Python headers), compiled at first use by softjac/kernels/_cpu.py with
+ * `cc -O3 -march=native -fopenmp -shared -fPIC` and loaded with ctypes.
+ *
+ * One row at a time, rows split across OpenMP threads.  Per row (K entries):
+ *   pass 1 (the only read from DRAM):  s = sum_j p_j v_j,  m = max_j p_j,  i* = first argmax
+ *   pass 2 (from cache, L2 or for very long rows L3):  out_j = p_j (v_j - s)  and
+ *     t = sum_{j != i*} p_j (v_{i*} - v_j);  then  out_{i*} = p_{i*} t  (no cancellation,
+ *     the same formula as softjac._core.vjp_last).
+ * The _logits variants recompute p_j = exp(z_j - lse) on the fly (σ is never stored).
+ * Accumulation is float for float/half/bfloat16 data, double for double data.
+ * Rows with every p_j = 0 (masked) give zeros because every output is a multiple of p_j.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+/* Fresh outputs of tens of MB come straight from mmap, and on a VM the 4 KiB page faults
+ * (with the kernel zeroing each page) cost more than the kernel itself.  Asking for
+ * transparent huge pages on the 2 MiB-aligned interior of a large output, before the first
+ * write, cuts the number of faults by 512.  A no-op where THP is off or unsupported. */
+static void advise_huge(void *ptr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    if (nbytes < (int64_t)(4 * huge)) return;
+    uintptr_t a = ((uintptr_t)ptr + huge - 1) & ~(huge - 1);
+    uintptr_t b = ((uintptr_t)ptr + (uintptr_t)nbytes) & ~(huge - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_HUGEPAGE);
+#else
+    (void)ptr;
+    (void)nbytes;
+#endif
+}
+
+typedef uint16_t bf16_t;
+typedef uint16_t f16_t;
+
+static inline float bf16_load(const bf16_t *x) {
+    uint32_t b = ((uint32_t)(*x)) << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline void bf16_store(bf16_t *x, float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffffu) > 0x7f800000u) { /* NaN: keep it a quiet NaN */
+        *x = (bf16_t)((b >> 16) | 0x0040u);
+        return;
+    }
+    b += 0x7fffu + ((b >> 16) & 1u); /* round to nearest, ties to even */
+    *x = (bf16_t)(b >> 16);
+}
+
+static inline float f16_load(const f16_t *x) {
+    _Float16 h;
+    memcpy(&h, x, 2);
+    return (float)h;
+}
+
+static inline void f16_store(f16_t *x, float f) {
+    _Float16 h = (_Float16)f;
+    memcpy(x, &h, 2);
+}
+
+/* exp(x) for float, vectorisable (no libm call): x = n ln2 + r with |r| <= ln2/2, exp(r) by
+ * its degree-7 Taylor polynomial (truncation error < 3e-9 relative, below float rounding),
+ * 2^n put into the exponent bits.  Results below 2^-126 (x < -87.33, including x = -inf) are
+ * flushed to 0: such a probability contributes less than 1.2e-38 to any entry. */
+static inline float exp_f32(float x) {
+    const float lo = -87.33f;
+    const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = __builtin_fmaf(n, -0.693145751953125f, xc);
+    r = __builtin_fmaf(n, -1.428606765330187045e-06f, r);
+    float q = 1.0f / 5040.0f;
+    q = __builtin_fmaf(q, r, 1.0f / 720.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 120.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 24.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 6.0f);
+    q = __builtin_fmaf(q, r, 0.5f);
+    q = __builtin_fmaf(q, r, 1.0f);
+    q = __builtin_fmaf(q, r, 1.0f);
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < lo ? 0.0f : q * scale;
+}
+
+static inline double exp_f64(double x) { return __builtin_exp(x); }
+
+/* One row of J v.  PROB(j, LOAD, EXP) gives p_j: the stored probability, or exp(z_j - lse) recomputed
+ * (twice: in both passes, which is cheaper than a scratch row for the SIMD exp above).
+ *   pass 1 (the only read from DRAM): s = <p, v> and m = max p, remembering the first block
+ *     whose maximum is m; i* is then found inside that block;
+ *   pass 2 (from cache): out_j = p_j (v_j - s) and t = sum_j p_j (v* - v_j), whose i* term
+ *     is exactly 0; finally out_{i*} = m t.
+ * Sums are blocked: SIMD partial sums over BLK entries, the blocks added in double. */
+#define BLK 512
+
+#define VJP_ROW_BODY(T, ACC, LOAD, STORE, EXP, PROB)                                                     \
+    double s_acc = 0;                                                                             \
+    ACC m = 0;                                                                                    \
+    int64_t mblock = -1;                                                                          \
+    for (int64_t b = 0; b < k; b += BLK) {                                                        \
+        const int64_t e = b + BLK < k ? b + BLK : k;                                              \
+        ACC sb = 0, mb = 0;                                                                       \
+        _Pragma("omp simd reduction(+ : sb) reduction(max : mb)")                                \
+        for (int64_t j = b; j < e; ++j) {                                                         \
+            const ACC pj = PROB(j, LOAD, EXP), vj = LOAD(v + j);                                             \
+            sb += pj * vj;                                                                        \
+            mb = pj > mb ? pj : mb;                                                               \
+        }                                                                                         \
+        s_acc += (double)sb;                                                                      \
+        if (mb > m) {                                                                             \
+            m = mb;                                                                               \
+            mblock = b;                                                                           \
+        }                                                                                         \
+    }                                                                                             \
+    const ACC s = (ACC)s_acc;                                                                     \
+    int64_t istar = -1;                                                                           \
+    if (mblock >= 0) {                                                                            \
+        for (int64_t j = mblock; j < k; ++j) {                                                    \
+            if (PROB(j, LOAD, EXP) == m) {                                                                   \
+                istar = j;                                                                        \
+                break;                                                                            \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    const ACC vs = istar >= 0 ? LOAD(v + istar) : (ACC)0;                                         \
+    double t_acc = 0;                                                                             \
+    for (int64_t b = 0; b < k; b += BLK) {                                                        \
+        const int64_t e = b + BLK < k ? b + BLK : k;                                              \
+        ACC tb = 0;                                                                               \
+        _Pragma("omp simd reduction(+ : tb)")                                                    \
+        for (int64_t j = b; j < e; ++j) {                                                         \
+            const ACC pj = PROB(j, LOAD, EXP), vj = LOAD(v + j);                                             \
+            STORE(out + j, pj * (vj - s));                                                        \
+            tb += pj * (vs - vj);                                                                 \
+        }                                                                                         \
+        t_acc += (double)tb;                                                                      \
+    }                                                                                             \
+    if (istar >= 0) STORE(out + istar, m * (ACC)t_acc);
+
+/* softjac_vjp_<dt>(p, v, out, n, k, row strides of p, v, out, threads) and
+ * softjac_vjp_logits_<dt>(z, lse, v, out, n, k, strides of z, v, out, threads); lse is one
+ * value per row (float, or double for double data). */
+#define DEFINE_VJP(SUFFIX, T, ACC, LOAD, STORE, EXP)                                             \
+    static void vjp_row_##SUFFIX(const T *p, const T *v, T *out, int64_t k) {                   \
+        VJP_ROW_BODY(T, ACC, LOAD, STORE, EXP, PROB_STORED)                                            \
+    }                                                                                             \
+    static void vjp_logits_row_##SUFFIX(const T *z, ACC lse, const T *v, T *out, int64_t k) {   \
+        VJP_ROW_BODY(T, ACC, LOAD, STORE, EXP, PROB_LOGITS)                                            \
+    }                                                                                             \
+    int softjac_vjp_##SUFFIX(const T *p, const T *v, T *out, int64_t n, int64_t k, int64_t sp,  \
+                             int64_t sv, int64_t so, int nthreads) {                             \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
+        if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads)")               \
+        for (int64_t i = 0; i < n; ++i) vjp_row_##SUFFIX(p + i * sp, v + i * sv, out + i * so, k); \
+        return 0;                                                                                 \
+    }                                                                                             \
+    int softjac_vjp_logits_##SUFFIX(const T *z, const ACC *lse, const T *v, T *out, int64_t n,   \
+                                    int64_t k, int64_t sz, int64_t sv, int64_t so,               \
+                                    int nthreads) {                                               \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
+        if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads)")               \
+        for (int64_t i = 0; i < n; ++i)                                                           \
+            vjp_logits_row_##SUFFIX(z + i * sz, lse[i], v + i * sv, out + i * so, k);             \
+        return 0;                                                                                 \
+    }
+
+/* Rows are handed out dynamically in tasks of about 64K elements, so a core slowed by other
+ * work does not hold up the rest (a static split waits for the slowest thread). */
+static inline int64_t rows_per_task(int64_t k) {
+    const int64_t r = ((int64_t)1 << 16) / (k > 0 ? k : 1);
+    return r > 0 ? r : 1;
+}
+
+/* Threads for n rows of k: at most one per row and one per GRAIN elements (waking a thread
+ * team costs more than a small problem, and far more on a loaded machine). */
+#define GRAIN ((int64_t)1 << 15)
+
+static inline int clamp_threads(int nthreads, int64_t n, int64_t k) {
+    const int64_t by_size = (n * (k > 0 ? k : 1) + GRAIN - 1) / GRAIN;
+    if (nthreads < 1) nthreads = 1;
+    if (by_size < nthreads) nthreads = (int)(by_size > 0 ? by_size : 1);
+    if (n < nthreads) nthreads = (int)(n > 0 ? n : 1);
+    return nthreads;
+}
+
+#define PROB_STORED(j, LOAD, EXP) LOAD(p + (j))
+#define PROB_LOGITS(j, LOAD, EXP) EXP(LOAD(z + (j)) - lse)
+
+#define LOAD_F32(ptr) (*(ptr))
+#define STORE_F32(ptr, val) (*(ptr) = (val))
+#define LOAD_F64(ptr) (*(ptr))
+#define STORE_F64(ptr, val) (*(ptr) = (val))
+#define LOAD_BF16(ptr) bf16_load(ptr)
+#define STORE_BF16(ptr, val) bf16_store((ptr), (val))
+#define LOAD_F16(ptr) f16_load(ptr)
+#define STORE_F16(ptr, val) f16_store((ptr), (val))
+
+DEFINE_VJP(f32, float, float, LOAD_F32, STORE_F32, exp_f32)
+DEFINE_VJP(f64, double, double, LOAD_F64, STORE_F64, exp_f64)
+DEFINE_VJP(bf16, bf16_t, float, LOAD_BF16, STORE_BF16, exp_f32)
+DEFINE_VJP(f16, f16_t, float, LOAD_F16, STORE_F16, exp_f32)
+
+/* Cross-entropy with class-index targets, float32 math (float/half/bfloat16 logits).
+ *   forward, per row (read once from DRAM, the second pass from cache):
+ *     m = max z;  S = sum exp(z - m);  lse = m + log S;  Z_w = sum_c w_c z_c (smoothing only)
+ *     loss = (1 - eps) w_y (lse - z_y) + (eps / K) (W lse - Z_w),  W = sum_c w_c;  0 if ignored
+ *   backward, per element (one read, one write; `out` may be `z` itself):
+ *     g [exp(z_j - lse) ((1 - eps) w_y + (eps / K) W) - (1 - eps) w_y [j = y] - (eps / K) w_j]
+ * `w` is NULL for unit weights. */
+#define DEFINE_CE(SUFFIX, T, LOAD, STORE)                                                        \
+    int softjac_ce_fwd_##SUFFIX(const T *z, const int64_t *tgt, const float *w, float w_sum,     \
+                                float *loss, float *lse_out, int64_t n, int64_t k, int64_t sz,   \
+                                int64_t ignore_index, float eps, int nthreads) {                 \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads)")               \
+        for (int64_t i = 0; i < n; ++i) {                                                         \
+            const T *zr = z + i * sz;                                                             \
+            float m = -__builtin_inff();                                                          \
+            _Pragma("omp simd reduction(max : m)")                                               \
+            for (int64_t j = 0; j < k; ++j) {                                                     \
+                const float zj = LOAD(zr + j);                                                    \
+                m = zj > m ? zj : m;                                                              \
+            }                                                                                     \
+            const float ms = m == -__builtin_inff() ? 0.0f : m;                                   \
+            double se = 0, swz = 0;                                                               \
+            for (int64_t b = 0; b < k; b += BLK) {                                                \
+                const int64_t e = b + BLK < k ? b + BLK : k;                                      \
+                float sb = 0, wb = 0;                                                             \
+                if (eps > 0) {                                                                    \
+                    _Pragma("omp simd reduction(+ : sb, wb)")                                    \
+                    for (int64_t j = b; j < e; ++j) {                                             \
+                        const float zj = LOAD(zr + j);                                            \
+                        sb += exp_f32(zj - ms);                                                   \
+                        wb += (w ? w[j] : 1.0f) * zj;                                             \
+                    }                                                                             \
+                } else {                                                                          \
+                    _Pragma("omp simd reduction(+ : sb)")                                        \
+                    for (int64_t j = b; j < e; ++j) sb += exp_f32(LOAD(zr + j) - ms);             \
+                }                                                                                 \
+                se += sb;                                                                         \
+                swz += wb;                                                                        \
+            }                                                                                     \
+            const float l = ms + (float)__builtin_log(se);                                        \
+            lse_out[i] = l;                                                                       \
+            const int64_t y = tgt[i];                                                             \
+            if (y == ignore_index || y < 0 || y >= k) {                                           \
+                loss[i] = 0.0f;                                                                   \
+                continue;                                                                         \
+            }                                                                                     \
+            const float wy = w ? w[y] : 1.0f;                                                     \
+            float li = (1.0f - eps) * wy * (l - LOAD(zr + y));                                    \
+            if (eps > 0) li += (eps / (float)k) * (w_sum * l - (float)swz);                       \
+            loss[i] = li;                                                                         \
+        }                                                                                         \
+        return 0;                                                                                 \
+    }                                                                                             \
+    int softjac_ce_bwd_##SUFFIX(const T *z, const int64_t *tgt, const float *w, float w_sum,     \
+                                const float *lse, const float *grad, T *out, int64_t n,          \
+                                int64_t k, int64_t sz, int64_t so, int64_t ignore_index,         \
+                                float eps, int nthreads) {                                        \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
+        if (so == k && (const void *)out != (const void *)z)                                      \
+            advise_huge(out, n * k * (int64_t)sizeof(T));                                         \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads)")               \
+        for (int64_t i = 0; i < n; ++i) {                                                         \
+            const T *zr = z + i * sz;                                                             \
+            T *orow = out + i * so;                                                               \
+            const int64_t y = tgt[i];                                                             \
+            const int valid = !(y == ignore_index || y < 0 || y >= k);                            \
+            const float g = valid ? grad[i] : 0.0f;                                               \
+            const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;                                    \
+            const float coef = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);                \
+            const float sm = g * eps / (float)k;                                                  \
+            const float l = lse[i];                                                               \
+            if (!valid) {                                                                         \
+                for (int64_t j = 0; j < k; ++j) STORE(orow + j, 0.0f);                            \
+                continue;                                                                         \
+            }                                                                                     \
+            const float zy = LOAD(zr + y);                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t j = 0; j < k; ++j) {                                                     \
+                const float pj = exp_f32(LOAD(zr + j) - l);                                       \
+                STORE(orow + j, pj * coef - sm * (w ? w[j] : 1.0f));                              \
+            }                                                                                     \
+            const float py = exp_f32(zy - l);                                                     \
+            STORE(orow + y, py * coef - sm * (w ? w[y] : 1.0f) - g * (1.0f - eps) * wy);          \
+        }                                                                                         \
+        return 0;                                                                                 \
+    }
+
+DEFINE_CE(f32, float, LOAD_F32, STORE_F32)
+DEFINE_CE(bf16, bf16_t, LOAD_BF16, STORE_BF16)
+DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
+
+/* ABI version, checked by the loader. */
+int softjac_cpu_abi(void) { return 3; }
