@@ -26,6 +26,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state, so a failure reproduces."""
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
