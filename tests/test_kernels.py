@@ -396,3 +396,51 @@ def test_c_kernel_builds_without_openmp(tmp_path):
     )
     env = {**os.environ, "SOFTJAC_CACHE_DIR": str(tmp_path / "cache"), "CC": str(wrapper)}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+
+
+def test_shared_c_builder(tmp_path, monkeypatch):
+    """``_cbuild.load_library`` (used by the C kernels and the secular solver): a cached build
+    per source, a reason instead of an exception when a build fails, and the off switch."""
+    from softjac.kernels import _cbuild
+
+    if _cbuild.find_compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SOFTJAC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SOFTJAC_DISABLE_CPU_KERNEL", raising=False)
+    good = tmp_path / "good.c"
+    good.write_text("int softjac_test_two(void) { return 2; }\n")
+    lib, why = _cbuild.load_library(good, "softjac_test")
+    assert lib is not None and why == "" and lib.softjac_test_two() == 2
+    lib2, _ = _cbuild.load_library(good, "softjac_test")  # from the cache
+    assert lib2 is not None and len(list((tmp_path / "cache").glob("softjac_test_*.so"))) == 1
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    lib, why = _cbuild.load_library(bad, "softjac_test")
+    assert lib is None and "bad.c" in why
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+    monkeypatch.setenv("SOFTJAC_DISABLE_CPU_KERNEL", "1")
+    lib, why = _cbuild.load_library(good, "softjac_test")
+    assert lib is None and "SOFTJAC_DISABLE_CPU_KERNEL" in why
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("k", (8, 16, 31, 32, 33, 511, 512, 513, 1500))
+def test_cpu_vjp_float32_ties_and_block_edges(k):
+    """The float32 path (vector lanes, argmax tracked per lane): ties of the maximum in
+    several lanes and blocks, the maximum in the scalar tail, and zero rows."""
+    g = torch.Generator().manual_seed(k)
+    z = torch.randn(6, k, generator=g, dtype=torch.float64)
+    z[0, :] = 0.0  # every entry ties
+    z[1, [k // 3, k // 2, k - 1]] = 9.0  # ties far apart (lanes, blocks, the tail)
+    z[2, k - 1] = 12.0  # the maximum is the last entry
+    z[3, 0] = 12.0  # the maximum is the first entry
+    z[4, :] = float("-inf")  # masked row
+    p = _core.softmax_last(z).to(torch.float32)
+    v = torch.randn(6, k, generator=g, dtype=torch.float64).to(torch.float32)
+    out = dispatch.softmax_vjp(p, v, backend="cpu")
+    assert torch.equal(out[4], torch.zeros(k))
+    assert vjp_error_ratio(out, p, v) <= 1.0
+    # the argmax entry is the one computed without cancellation: m * sum_{j != i*} p_j (v* - v_j)
+    i = int(p[1].double().argmax())
+    ref = p[1, i].double() * (p[1].double() * (v[1, i].double() - v[1].double())).sum()
+    assert abs(out[1, i].item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-30

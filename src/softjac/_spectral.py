@@ -47,18 +47,13 @@ the secular equation uses it); that is what makes every eigenvalue relatively ac
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from softjac.kernels import _cbuild
 
 __all__ = ["secular_eigh", "secular_eigvalsh", "secular_spectral_norm"]
 
@@ -109,108 +104,12 @@ CHUNK_ELEMENTS = 1 << 17
 
 # --------------------------------------------------------------------------- fused CPU loop
 # The four sums below are the whole O(K²) cost of the solver. In PyTorch they take ~8
-# elementwise passes per evaluation; this C loop does them in one pass per row (about 10×
-# faster). It is compiled at first use with the system C compiler (like
-# ``softjac.kernels._cpu``), cached per user, and skipped silently when no compiler works or
-# ``SOFTJAC_DISABLE_CPU_KERNEL`` is set; the PyTorch path is the reference and the fallback.
-_C_SOURCE = r"""
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-
-/* |tau|*(psi, phi) and tau^2*(psi', phi') at lambda = o + tau for one row. */
-#define SUMS(T)                                                                            \
-  static inline void sums_##T(const T* sr, const T* cr, int64_t k, T o, T t0, double* p) { \
-    const T sc = t0 < 0 ? -t0 : t0;                                                        \
-    double p0 = 0, p1 = 0, p2 = 0, p3 = 0;                                                 \
-    _Pragma("omp simd reduction(+:p0,p1,p2,p3)")                                           \
-    for (int64_t j = 0; j < k; ++j) {                                                      \
-      T inv = sc / ((sr[j] - o) - t0);                                                     \
-      T ng = inv < 0 ? inv : (T)0;                                                         \
-      T ps = inv - ng;                                                                     \
-      T w = cr[j];                                                                         \
-      p0 += w * ng; p1 += w * ps; p2 += (w * ng) * ng; p3 += (w * ps) * ps;                \
-    }                                                                                      \
-    p[0] = (T)p0; p[1] = (T)p1; p[2] = (T)p2; p[3] = (T)p3;                                \
-  }
-SUMS(double)
-SUMS(float)
-
-#define SOLVE(NAME, T, EPS, TINY)                                                          \
-void NAME(const T* s, const T* c, const int64_t* rb, const int64_t* lo, const int64_t* hi, \
-          int64_t* o_out, T* tau_out, int64_t n, int64_t k, int max_iter, int nthreads) {  \
-  const double tol = EPS * fmax(8.0, 2.0 * sqrt((double)k));                               \
-  const double small = sqrt(EPS) / 16;                                                     \
-  _Pragma("omp parallel for schedule(dynamic, 16) num_threads(nthreads)")                  \
-  for (int64_t r = 0; r < n; ++r) {                                                        \
-    const T* sr = s + rb[r] * k;                                                           \
-    const T* cr = c + rb[r] * k;                                                           \
-    const T s_lo = sr[lo[r]], s_hi = sr[hi[r]];                                            \
-    const T gap = s_hi - s_lo, half = gap / 2;                                             \
-    int lft = 1, first = 1;                                                                \
-    int64_t o = lo[r];                                                                     \
-    T so = s_lo, d_lo = 0, d_hi = gap, tau = half, lo_b = 0, hi_b = gap;                   \
-    double p[4];                                                                           \
-    for (int it = 0; it < max_iter; ++it) {                                                \
-      const T scale = tau < 0 ? -tau : tau;                                                \
-      sums_##T(sr, cr, k, so, tau, p);                                                     \
-      T nrm = (T)(p[1] - p[0]);                                                            \
-      if (!(nrm > TINY)) nrm = TINY;                                                       \
-      const T psi = (T)p[0] / nrm, phi = (T)p[1] / nrm;                                    \
-      const T dpsi = (T)p[2] / nrm, dphi = (T)p[3] / nrm;                                  \
-      const T g = psi + phi;                                                               \
-      if (g > 0) hi_b = tau;                                                               \
-      if (g < 0) lo_b = tau;                                                               \
-      const T t_l = (d_lo - tau) / scale, t_r = (d_hi - tau) / scale;                      \
-      const T a_l = dpsi * t_l * t_l, a_r = dphi * t_r * t_r;                              \
-      const T cc = (psi - dpsi * t_l) + (phi - dphi * t_r);                                \
-      const T a_o = lft ? a_l : a_r, a_x = lft ? a_r : a_l;                                \
-      const T t_o = lft ? t_l : t_r;                                                       \
-      const T dd = (lft ? t_r : t_l) - t_o;                                                \
-      const T qa = a_o * dd, qb = a_o + a_x + cc * dd;                                     \
-      T disc = qb * qb - 4 * qa * cc;                                                      \
-      disc = disc > 0 ? sqrt(disc) : (T)0;                                                 \
-      const T q = (T)0.5 * (qb + copysign(disc, qb));                                      \
-      const T u1 = qa / q, u2 = q / cc;                                                    \
-      const T lo_u = dd < 0 ? dd : (T)0, hi_u = dd > 0 ? dd : (T)0;                        \
-      const T u = (isfinite(u1) && u1 > lo_u && u1 < hi_u) ? u1 : u2;                      \
-      T nw = u * scale;                                                                    \
-      const T eta_s = u + t_o;                                                             \
-      if (first) {                                                                         \
-        first = 0;                                                                         \
-        const int left = g >= 0;                                                           \
-        o = left ? lo[r] : hi[r];                                                          \
-        so = left ? s_lo : s_hi;                                                           \
-        d_lo = s_lo - so;                                                                  \
-        d_hi = s_hi - so;                                                                  \
-        lft = left;                                                                        \
-        lo_b = left ? (T)0 : half - gap;                                                   \
-        hi_b = left ? half : (T)0;                                                         \
-        const T mid_tau = left ? half : half - gap;                                        \
-        if (!left) nw = nw - gap;                                                          \
-        const int ok = isfinite(nw) && nw > lo_b && nw < hi_b && nw != 0;                  \
-        tau = g == 0 ? mid_tau : (ok ? nw : (T)0.5 * (lo_b + hi_b));                       \
-        continue;                                                                          \
-      }                                                                                    \
-      const int conv = ((g < 0 ? -g : g) <= tol || (eta_s < 0 ? -eta_s : eta_s) <= small)  \
-                       && isfinite(u);                                                     \
-      const int inside = isfinite(nw) && nw >= lo_b && nw <= hi_b;                         \
-      if (!(inside || conv)) nw = (T)0.5 * (lo_b + hi_b);                                  \
-      if (nw == 0 || g == 0) nw = tau;                                                     \
-      const T width = hi_b - lo_b;                                                         \
-      const int stall = nw == lo_b || nw == hi_b;                                          \
-      const T edge = fmax(fabs((double)lo_b), fabs((double)hi_b));                         \
-      const int done = conv || stall || g == 0 || width <= 8 * tol * edge;                 \
-      tau = nw;                                                                            \
-      if (done) break;                                                                     \
-    }                                                                                      \
-    o_out[r] = o;                                                                          \
-    tau_out[r] = tau;                                                                      \
-  }                                                                                        \
-}
-SOLVE(softjac_secular_solve_f64, double, DBL_EPSILON, DBL_MIN)
-SOLVE(softjac_secular_solve_f32, float, FLT_EPSILON, FLT_MIN)
-"""
+# elementwise passes per evaluation; the C loop in ``softjac/kernels/_secular.c`` does them in
+# one pass per row (about 10× faster). It is compiled at first use by the shared builder
+# ``softjac.kernels._cbuild`` (like ``softjac.kernels._cpu``), cached per user, and skipped
+# silently when no compiler works or ``SOFTJAC_DISABLE_CPU_KERNEL`` is set; the PyTorch path
+# is the reference and the fallback.
+_NATIVE_SOURCE = Path(__file__).parent / "kernels" / "_secular.c"
 _native_lock = threading.Lock()
 _native_state: dict[str, object] = {}
 #: Set to False to force the PyTorch path (the tests compare both).
@@ -225,69 +124,18 @@ def _native_lib() -> ctypes.CDLL | None:
         if "lib" in _native_state:
             return _native_state["lib"]  # type: ignore[return-value]
         lib = None
-        if not os.environ.get("SOFTJAC_DISABLE_CPU_KERNEL"):
-            try:
-                lib = _build_native()
-            except Exception:  # any failure: fall back to PyTorch
-                lib = None
+        try:
+            lib, _native_state["why"] = _cbuild.load_library(_NATIVE_SOURCE, "softjac_secular")
+            if lib is not None:
+                ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+                for name in ("softjac_secular_solve_f64", "softjac_secular_solve_f32"):
+                    fn = getattr(lib, name)
+                    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, cint, cint]
+                    fn.restype = None
+        except Exception as exc:  # any failure: fall back to PyTorch
+            lib, _native_state["why"] = None, str(exc)
         _native_state["lib"] = lib
         return lib
-
-
-def _machine_tag() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-        if lines:
-            return "".join(lines)
-    except OSError:
-        pass
-    return platform.machine() + platform.processor() + sys.platform
-
-
-def _build_native() -> ctypes.CDLL | None:
-    cc = next(
-        (x for x in (os.environ.get("CC"), "cc", "gcc", "clang") if x and shutil.which(x)), None
-    )
-    if cc is None:
-        return None
-    base = os.environ.get("SOFTJAC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "softjac",
-    )
-    out_dir = Path(base)
-    src = _C_SOURCE.encode()
-    flags_all = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    for flags in (flags_all, [f for f in flags_all if f != "-fopenmp"]):
-        tag = _machine_tag()
-        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), tag.encode()]))
-        target = out_dir / f"softjac_secular_{key.hexdigest()[:20]}.so"
-        if not target.exists():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
-            os.close(fd)
-            csrc = tmp + ".c"
-            try:
-                Path(csrc).write_bytes(src)
-                proc = subprocess.run(
-                    [cc, *flags, csrc, "-o", tmp], capture_output=True, text=True, timeout=60
-                )
-                if proc.returncode != 0:
-                    continue
-                os.replace(tmp, target)  # atomic
-            finally:
-                for x in (tmp, csrc):
-                    if os.path.exists(x):
-                        os.unlink(x)
-        lib = ctypes.CDLL(str(target))
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        for name in ("softjac_secular_solve_f64", "softjac_secular_solve_f32"):
-            fn = getattr(lib, name)
-            fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
-            fn.restype = None
-        return lib
-    return None
 
 
 def _secular_sums(

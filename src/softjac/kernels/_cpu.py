@@ -4,29 +4,22 @@ Why this design (``docs/benchmarks.md`` has the numbers): PyTorch's native softm
 on CPU runs far below the copy bandwidth at large K; the fused loops in ``_cpu_kernels.c``
 read σ and v once from DRAM (the second look at a row is served from cache) and write once,
 with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
-which the native kernel does not. The C file has no Python headers, so it builds in about half
-a second with any C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and needs no build step at
-install time; the shared object is cached per user in ``$SOFTJAC_CACHE_DIR`` or
-``$XDG_CACHE_HOME/softjac`` or ``~/.cache/softjac``, named by a hash of the source, the
-compiler, its flags and the machine, written to a temporary name and renamed atomically, so
-concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls back to torch and
-``backend="cpu"`` raises with the compiler's message.
+which the native kernel does not. The C file has no Python headers; ``softjac.kernels._cbuild``
+compiles it at first use (about half a second, any C compiler) into a per-user cache, named by
+a hash of the source, the compiler, its flags and the machine, and renamed into place
+atomically, so concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls
+back to torch and ``backend="cpu"`` raises with the compiler's message.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from softjac.kernels import _cbuild
 
 __all__ = [
     "CE_DTYPES",
@@ -42,7 +35,6 @@ __all__ = [
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _ABI = 3
 _SUFFIX = {
     torch.float32: "f32",
@@ -56,56 +48,9 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("SOFTJAC_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "softjac"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _machine_tag() -> bytes:
-    """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-        if lines:
-            return "".join(lines).encode()
-    except OSError:
-        pass
-    return (platform.machine() + platform.processor() + sys.platform).encode()
-
-
-def _build(cc: str, flags: list[str]) -> Path:
-    """Compile the C source into the cache (once per source/compiler/flags/machine)."""
-    src = _SOURCE.read_bytes()
-    parts = [src, cc.encode(), " ".join(flags).encode(), _machine_tag()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
-    out_dir = _cache_dir()
-    target = out_dir / f"softjac_cpu_{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=60
-        )
-        if proc.returncode != 0:
-            raise OSError(f"`{cc}` failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: a concurrent builder just overwrites the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+# Module-level names so that tests can replace them (e.g. a missing compiler).
+_cache_dir = _cbuild.cache_dir
+_compiler = _cbuild.find_compiler
 
 
 def _load() -> ctypes.CDLL | None:
@@ -115,26 +60,9 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _lib is not None or _error is not None:
             return _lib
-        if os.environ.get("SOFTJAC_DISABLE_CPU_KERNEL"):
-            _error = "it is disabled by the environment variable SOFTJAC_DISABLE_CPU_KERNEL"
-            return None
-        cc = _compiler()
-        if cc is None:
-            _error = "no C compiler was found (set $CC, or install gcc or clang)"
-            return None
-        lib = None
-        errors = []
-        # -fopenmp may be missing (e.g. Apple clang): then build single-threaded; a compiler
-        # that does not know -march=native gets a generic build.
-        no_omp = [f for f in _FLAGS if f != "-fopenmp"]
-        for flags in (_FLAGS, no_omp, [f for f in no_omp if f != "-march=native"]):
-            try:
-                lib = ctypes.CDLL(str(_build(cc, flags)))
-                break
-            except (OSError, subprocess.SubprocessError) as exc:
-                errors.append(str(exc))
+        lib, why = _cbuild.load_library(_SOURCE, "softjac_cpu", compiler=_compiler)
         if lib is None:
-            _error = "compiling the C kernel failed: " + " | ".join(errors)
+            _error = why
             return None
         if lib.softjac_cpu_abi() != _ABI:
             _error = "the cached C kernel has the wrong ABI version; clear " + str(_cache_dir())
