@@ -444,3 +444,21 @@ def test_cpu_vjp_float32_ties_and_block_edges(k):
     i = int(p[1].double().argmax())
     ref = p[1, i].double() * (p[1].double() * (v[1, i].double() - v[1].double())).sum()
     assert abs(out[1, i].item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-30
+
+
+def test_auto_falls_back_to_torch_when_a_triton_kernel_fails(monkeypatch):
+    """Under "auto", a Triton compile/launch failure warns once, runs the PyTorch path and
+    keeps later "auto" calls off Triton; an explicit backend lets the error through."""
+    from softjac.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_triton_failure", None)
+
+    def broken():
+        raise RuntimeError("ptxas rejected the kernel")
+
+    with pytest.warns(RuntimeWarning, match="ptxas rejected the kernel"):
+        out = dispatch._triton_or_fallback("auto", "softjac.vjp", broken, lambda: 42)
+    assert out == 42
+    assert "ptxas" in dispatch._triton_failure
+    with pytest.raises(RuntimeError, match="ptxas"):
+        dispatch._triton_or_fallback("triton", "softjac.vjp", broken, lambda: 42)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,6 +75,31 @@ _C_OPS = {
     "cross_entropy_forward": _cpu.CE_DTYPES,
     "cross_entropy_backward": _cpu.CE_DTYPES,
 }
+
+
+# Set when a Triton kernel failed to compile or launch under "auto": the rest of the process
+# then uses the PyTorch path (the kernels are tested under the interpreter in CI, but a GPU
+# toolchain can still reject them, and "auto" must not turn that into a user-facing error).
+_triton_failure: str | None = None
+
+
+def _triton_or_fallback(backend: str, fn: str, run, fallback):
+    """``run()`` (a Triton launch); under ``"auto"``, on failure warn once, remember it and
+    return ``fallback()`` instead. An explicit ``backend="triton"`` lets the error through."""
+    global _triton_failure
+    if backend != "auto":
+        return run()
+    try:
+        return run()
+    except Exception as exc:  # compilation/launch errors of any kind
+        _triton_failure = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"`{fn}`: the Triton kernel failed ({_triton_failure}); backend='auto' uses the "
+            "PyTorch implementation for the rest of this process.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return fallback()
 
 
 def _has_c_kernel(op: str, x: torch.Tensor) -> bool:
@@ -130,7 +156,12 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
             return "torch"
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return "torch"
-        if dev == "cuda" and x.dtype in _TRITON_DTYPES and _triton_installed():
+        if (
+            dev == "cuda"
+            and x.dtype in _TRITON_DTYPES
+            and _triton_failure is None
+            and _triton_installed()
+        ):
             return "triton"
         if dev == "cpu" and _has_c_kernel(op, x) and _cpu.available():
             return "cpu"
@@ -168,7 +199,12 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") 
     v = v.to(probs.dtype)
     if chosen == "cpu":
         return _cpu.softmax_vjp(probs, v)
-    return _triton_module().softmax_vjp(probs, v)
+    return _triton_or_fallback(
+        backend,
+        "softjac.vjp_from_probs",
+        lambda: _triton_module().softmax_vjp(probs, v),
+        lambda: _torch.softmax_vjp(probs, v),
+    )
 
 
 def softmax_vjp_from_logits(
@@ -182,7 +218,12 @@ def softmax_vjp_from_logits(
         return _torch.softmax_vjp_from_logits(logits, lse, v)
     if chosen == "cpu":
         return _cpu.softmax_vjp_from_logits(logits, lse, v.to(logits.dtype))
-    return _triton_module().softmax_vjp(logits, v.to(logits.dtype), lse=lse)
+    return _triton_or_fallback(
+        backend,
+        "softjac.vjp",
+        lambda: _triton_module().softmax_vjp(logits, v.to(logits.dtype), lse=lse),
+        lambda: _torch.softmax_vjp_from_logits(logits, lse, v),
+    )
 
 
 def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -190,7 +231,12 @@ def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> tor
     entry as ``σ_{i*} Σ_{j≠i*} σ_j``. Returns the dtype of ``probs``."""
     chosen = resolve_backend("softjac.jacobian", backend, probs, "softmax_jacobian_dense")
     if chosen == "triton" and probs.numel():
-        return _triton_module().softmax_jacobian_dense(probs)
+        return _triton_or_fallback(
+            backend,
+            "softjac.jacobian",
+            lambda: _triton_module().softmax_jacobian_dense(probs),
+            lambda: _torch.softmax_jacobian_dense(probs),
+        )
     return _torch.softmax_jacobian_dense(probs)
 
 
@@ -206,9 +252,13 @@ def cross_entropy_forward(
     """``(loss_rows, lse)`` (float32, ``(N,)``) for ``(N, K)`` logits, see the module doc.
     The Triton kernel reads each row once (online log-sum-exp)."""
     chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
+    args = (logits, target, weight, ignore_index, label_smoothing)
     if chosen == "triton":
-        return _triton_module().cross_entropy_forward(
-            logits, target, weight, ignore_index, label_smoothing
+        return _triton_or_fallback(
+            backend,
+            "softjac.cross_entropy",
+            lambda: _triton_module().cross_entropy_forward(*args),
+            lambda: _torch.cross_entropy_forward(*args),
         )
     if chosen == "cpu" and _has_c_kernel("cross_entropy_forward", logits):
         return _cpu.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
@@ -232,9 +282,13 @@ def cross_entropy_backward(
     chosen = resolve_backend(
         "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
     )
+    args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
     if chosen == "triton":
-        return _triton_module().cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+        return _triton_or_fallback(
+            backend,
+            "softjac.cross_entropy",
+            lambda: _triton_module().cross_entropy_backward(*args, inplace=inplace),
+            lambda: _torch.cross_entropy_backward(*args, inplace=inplace),
         )
     if chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits):
         return _cpu.cross_entropy_backward(
