@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import softjac
 from softjac import _core
 from softjac.kernels import _cpu, _torch, dispatch
 
@@ -462,3 +463,58 @@ def test_auto_falls_back_to_torch_when_a_triton_kernel_fails(monkeypatch):
     assert "ptxas" in dispatch._triton_failure
     with pytest.raises(RuntimeError, match="ptxas"):
         dispatch._triton_or_fallback("triton", "softjac.vjp", broken, lambda: 42)
+
+
+@pytest.mark.parametrize("k", (1, 7, 8, 15, 16, 17, 31, 32, 33, 47, 513, 1030))
+@pytest.mark.parametrize("case", CE_CASES, ids=str)
+def test_cross_entropy_c_kernel_row_lengths(case, k):
+    """The float32 C rows (vector lanes, two accumulators, scalar tails) at K on both sides of
+    the vector widths, on rows with a stride and with an ignored row."""
+    if not _cpu.available():
+        pytest.skip("no C compiler")
+    n = 5
+    g = torch.Generator().manual_seed(k)
+    zbig = 6 * torch.randn(n, k + 3, generator=g)
+    z = zbig[:, :k]  # row stride k + 3
+    target = torch.randint(0, k, (n,), generator=g)
+    target[2] = case["ignore"]
+    weight = torch.rand(k, generator=g) + 0.5 if case["weight"] else None
+    grad_rows = torch.rand(n, generator=g)
+    grad_rows[2] = float("inf")  # an ignored row's cotangent is never used
+    ref_loss, ref_grad = _ce_reference(
+        z, target, weight, case["ignore"], case["smoothing"], grad_rows.nan_to_num(posinf=0.0)
+    )
+    loss, lse = _cpu.cross_entropy_forward(z, target, weight, case["ignore"], case["smoothing"])
+    assert torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(lse.double(), torch.logsumexp(z.double(), -1), rtol=1e-6)
+    grad = _cpu.cross_entropy_backward(
+        z, target, lse, grad_rows, weight, case["ignore"], case["smoothing"]
+    )
+    assert torch.allclose(grad.double(), ref_grad, rtol=1e-6, atol=1e-6)
+    assert torch.equal(grad[2], torch.zeros(k))
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("ignored", (False, True))
+def test_cross_entropy_end_to_end_matches_torch(reduction, ignored):
+    """softjac.cross_entropy forward and plain backward (the C path, the unit-weight 'mean'
+    count) against F.cross_entropy."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 40, 37
+    z = (3 * torch.randn(n, k, generator=g)).requires_grad_(True)
+    target = torch.randint(0, k, (n,), generator=g)
+    if ignored:
+        target[::7] = -100
+    out = softjac.cross_entropy(z, target, reduction=reduction)
+    ref = F.cross_entropy(z, target, reduction=reduction)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    cot = torch.rand(out.shape, generator=g)
+    (gz,) = torch.autograd.grad(out, z, cot)
+    (gr,) = torch.autograd.grad(ref, z, cot)
+    assert torch.allclose(gz, gr, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_mean_out_of_range_target_still_raises():
+    z = torch.randn(3, 4)
+    with pytest.raises(IndexError):
+        softjac.cross_entropy(z, torch.tensor([0, 4, 1]))

@@ -46,7 +46,7 @@ import torch
 import torch.autograd.forward_ad as _fw_ad
 
 from softjac._checks import as_float_dtype
-from softjac.kernels import dispatch
+from softjac.kernels import _cpu, dispatch
 
 __all__ = [
     "CrossEntropyBackward",
@@ -267,6 +267,18 @@ def _ce_grad_rows_one(p, target, weight, ignore_index, eps):
 # ``gradcheck`` works. Same formulas, plain torch ops.
 
 
+def _apply_positional(cls, args, nargs):
+    """``Function.apply`` without its per-call ``inspect.signature`` binding (~20-40 µs on CPU)
+    when every argument is given positionally (as all callers here do) and no torch.func
+    transform is active; otherwise (or under torch.compile) the plain path. The dead-wrapper
+    unwrapping of ``Function.apply`` is kept (the arguments are flat)."""
+    if len(args) != nargs or torch._C._are_functorch_transforms_active() or _compiling():
+        return torch.autograd.Function.apply.__func__(cls, *args)
+    unwrap = torch._C._functorch.unwrap_if_dead
+    args = tuple(unwrap(a) if isinstance(a, torch.Tensor) else a for a in args)
+    return super(torch.autograd.Function, cls).apply(*args)
+
+
 def _ce_forward_float64(logits, target, weight, ignore_index, eps):
     k = logits.shape[-1]
     lse = torch.logsumexp(logits, dim=-1)
@@ -304,6 +316,10 @@ class CrossEntropyBackward(torch.autograd.Function):
             logits, target, lse, grad_rows, weight, ignore_index, eps, inplace=False,
             backend=backend,
         )  # fmt: skip
+
+    @classmethod
+    def apply(cls, *args):  # type: ignore[override]
+        return _apply_positional(cls, args, 8)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -387,6 +403,10 @@ class CrossEntropyRows(torch.autograd.Function):
             logits, target, weight, ignore_index, eps, backend=backend
         )
 
+    @classmethod
+    def apply(cls, *args):  # type: ignore[override]
+        return _apply_positional(cls, args, 6)
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, eps, backend = inputs
@@ -399,6 +419,22 @@ class CrossEntropyRows(torch.autograd.Function):
     def backward(ctx, g_loss, _g_lse):
         logits, target, weight, lse = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
+        if (
+            not torch.is_grad_enabled()
+            and backend in ("auto", "cpu")
+            and logits.device.type == "cpu"
+            and logits.dtype in _cpu.CE_DTYPES
+            and dispatch.resolve_backend(
+                "softjac.cross_entropy", backend, logits, "cross_entropy_backward", g_loss
+            )
+            == "cpu"
+        ):
+            # plain backward on the C kernel: it gives ignored rows (and targets out of range)
+            # a zero gradient whatever their cotangent, so no masking op is needed
+            gz = _cpu.cross_entropy_backward(
+                logits, target, lse, g_loss, weight, ignore_index, eps, inplace=False
+            )
+            return gz, None, None, None, None, None
         # Ignored rows contribute nothing; zeroing their cotangent also keeps a non-finite one
         # (``mean`` over no valid row divides by 0) from turning 0 · inf into NaN, as in torch.
         g = torch.where(target != ignore_index, g_loss, torch.zeros_like(g_loss))
@@ -472,10 +508,12 @@ class _SoftmaxLastCompiled(SoftmaxLast):
 
 class _CrossEntropyBackwardCompiled(CrossEntropyBackward):
     jvp = _NO_JVP
+    apply = torch.autograd.Function.__dict__["apply"]  # the plain one, for dynamo
 
 
 class _CrossEntropyRowsCompiled(CrossEntropyRows):
     jvp = _NO_JVP
+    apply = torch.autograd.Function.__dict__["apply"]
 
 
 def _traceable(backend: str) -> str:

@@ -131,6 +131,21 @@ def _smoothed(prep: _Prepared, cd: torch.dtype):
 def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
     """``Σ_n w[y_n]`` over non-ignored rows (the 'mean' divisor of F.cross_entropy)."""
     k = prep.z2.shape[-1]
+    t = prep.target
+    if (
+        prep.weight is None
+        and t.numel()
+        and t.device.type == "cpu"
+        and type(t) is torch.Tensor
+        and not torch._C._are_functorch_transforms_active()
+        and not _autograd._compiling()
+    ):
+        # Unit weights: the count of non-ignored rows, in a few small ops instead of the seven
+        # of _ce_terms, when every target is a valid index of a (K,) tensor (else that path,
+        # whose indexing raises for a non-ignored target outside [-K, K), as before).
+        lo, hi = torch.aminmax(t)
+        if int(lo) >= -k and int(hi) < k:
+            return (t != prep.ignore_index).sum().to(cd)
     _, _, _, w_y, _ = _autograd._ce_terms(
         prep.target, prep.weight, prep.ignore_index, 0.0, k, prep.z2.device, cd
     )
