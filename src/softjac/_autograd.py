@@ -46,7 +46,7 @@ import torch
 import torch.autograd.forward_ad as _fw_ad
 
 from softjac._checks import as_float_dtype
-from softjac.kernels import _cpu, dispatch
+from softjac.kernels import _cpu, _torch, dispatch
 
 __all__ = [
     "CrossEntropyBackward",
@@ -234,39 +234,6 @@ def softmax_last_autograd(z: torch.Tensor, backend: str = "auto") -> torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def _ce_terms(target, weight, ignore_index, eps, k, device, dtype=torch.float32):
-    """``valid (N,)``, ``y (N,)`` (ignored rows → 0), ``w (K,)``, ``w_y (N,)``, ``a (N,)`` (see
-    the module docstring), the floating ones in ``dtype``."""
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    if weight is None:
-        w = torch.ones(k, dtype=dtype, device=device)
-    else:
-        w = weight.to(dtype)
-    w_y = torch.where(valid, w[y], torch.zeros((), dtype=dtype, device=device))
-    a = (1.0 - eps) * w_y
-    if eps > 0:
-        a = a + (eps / k) * w.sum() * valid
-    return valid, y, w, w_y, a
-
-
-def _ce_grad_rows_one(p, target, weight, ignore_index, eps):
-    """``a_n σ_n − b_n`` (the gradient of ``loss_n``) with differentiable torch ops, in σ's
-    dtype."""
-    k = p.shape[-1]
-    valid, y, w, w_y, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-    out = p * a.unsqueeze(-1)
-    out = out.scatter_add(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y).unsqueeze(-1))
-    if eps > 0:
-        out = out - (eps / k) * w * valid.unsqueeze(-1)
-    return out
-
-
-# The kernel contract computes cross-entropy in float32 (right for float32 and half logits);
-# float64 logits keep float64 here, so that results match ``F.cross_entropy`` in float64 and
-# ``gradcheck`` works. Same formulas, plain torch ops.
-
-
 def _apply_positional(cls, args, nargs):
     """``Function.apply`` without its per-call ``inspect.signature`` binding (~20-40 µs on CPU)
     when every argument is given positionally (as all callers here do) and no torch.func
@@ -279,39 +246,19 @@ def _apply_positional(cls, args, nargs):
     return super(torch.autograd.Function, cls).apply(*args)
 
 
-def _ce_forward_float64(logits, target, weight, ignore_index, eps):
-    k = logits.shape[-1]
-    lse = torch.logsumexp(logits, dim=-1)
-    valid, y, w, w_y, _ = _ce_terms(
-        target, weight, ignore_index, eps, k, logits.device, logits.dtype
-    )
-    loss = (1.0 - eps) * w_y * (lse - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1))
-    if eps > 0:
-        smooth = (w * (lse.unsqueeze(-1) - logits)).sum(-1)
-        loss = loss + (eps / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
-    return loss, lse
-
-
-def _ce_backward_float64(logits, grad_rows, target, lse, weight, ignore_index, eps):
-    p = (logits - lse.unsqueeze(-1)).exp()
-    return _ce_grad_rows_one(p, target, weight, ignore_index, eps) * grad_rows.unsqueeze(-1)
-
-
 class CrossEntropyBackward(torch.autograd.Function):
     """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
 
     Inputs: logits ``(N, K)``, ``grad_rows (N,)``, and the non-differentiable target ``(N,)``,
     ``lse (N,)`` (float32 or float64, from the forward), weight, ignore_index, label smoothing, backend.
-    Forward is one ``dispatch.cross_entropy_backward`` call (float32 math, output in the logits
-    dtype, not in place). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and
+    Forward is one ``dispatch.cross_entropy_backward`` call (float32 math, float64 for float64
+    logits; output in the logits dtype, not in place). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and
     ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n − b_n⟩``, both O(N·K); σ is recomputed through
     :class:`SoftmaxLast` so that these are differentiable again.
     """
 
     @staticmethod
     def forward(logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
-        if logits.dtype == torch.float64:
-            return _ce_backward_float64(logits, grad_rows, target, lse, weight, ignore_index, eps)
         return dispatch.cross_entropy_backward(
             logits, target, lse, grad_rows, weight, ignore_index, eps, inplace=False,
             backend=backend,
@@ -337,11 +284,11 @@ class CrossEntropyBackward(torch.autograd.Function):
         gz = gg = None
         if ctx.needs_input_grad[0]:
             k = p.shape[-1]
-            _, _, _, _, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
             scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
             gz = (_apply_vjp(p, gc, backend) * scale).to(logits.dtype)
         if ctx.needs_input_grad[1]:
-            g1 = _ce_grad_rows_one(p, target, weight, ignore_index, eps)
+            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             gg = (gc * g1).sum(-1).to(grad_rows.dtype)
         return gz, gg, None, None, None, None, None, None
 
@@ -353,11 +300,11 @@ class CrossEntropyBackward(torch.autograd.Function):
         out = torch.zeros_like(p)
         if dz is not None:
             k = p.shape[-1]
-            _, _, _, _, a = _ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
             scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
             out = out + _apply_vjp(p, _up(dz), backend) * scale
         if dg is not None:
-            g1 = _ce_grad_rows_one(p, target, weight, ignore_index, eps)
+            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             out = out + g1 * dg.to(p.dtype).unsqueeze(-1)
         return out.to(logits.dtype)
 
@@ -397,8 +344,6 @@ class CrossEntropyRows(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, eps, backend):
-        if logits.dtype == torch.float64:
-            return _ce_forward_float64(logits, target, weight, ignore_index, eps)
         return dispatch.cross_entropy_forward(
             logits, target, weight, ignore_index, eps, backend=backend
         )

@@ -201,10 +201,13 @@ def vjp(
     Returns:
         Tensor with the shape, dtype and device of ``logits``.
     """
-    fn = "softjac.vjp"
-    check_logits(fn, logits, dim)
-    check_same_shape(fn, "v", v, "logits", logits)
+    return _jacobian_product("softjac.vjp", logits, v, dim, mask, temperature, backend)
+
+
+def _jacobian_product(fn, logits, v, dim, mask, temperature, backend):
+    """``J v / T`` along ``dim`` for :func:`vjp` and :func:`jvp` (``fn`` names the caller)."""
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
+    check_same_shape(fn, "v", v, "logits", logits)
     v_last = v.movedim(d, -1)
     if _use_kernel(fn, backend, logits):
         lse = _core.logsumexp_last(z)
@@ -229,10 +232,7 @@ def jvp(
 
     J is symmetric, so this equals :func:`vjp`; O(K) per slice, same accuracy and conventions.
     """
-    fn = "softjac.jvp"
-    check_logits(fn, logits, dim)
-    check_same_shape(fn, "v", v, "logits", logits)
-    return vjp(logits, v, dim, mask=mask, temperature=temperature, backend=backend)
+    return _jacobian_product("softjac.jvp", logits, v, dim, mask, temperature, backend)
 
 
 def vjp_from_probs(

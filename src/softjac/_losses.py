@@ -22,7 +22,7 @@ import torch
 
 from softjac import _autograd, _core
 from softjac._checks import as_float_dtype, check_dim, check_logits, check_tensor, fmt_shape
-from softjac.kernels import dispatch
+from softjac.kernels import _torch, dispatch
 
 __all__ = [
     "CrossEntropyHessian",
@@ -141,12 +141,12 @@ def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
         and not _autograd._compiling()
     ):
         # Unit weights: the count of non-ignored rows, in a few small ops instead of the seven
-        # of _ce_terms, when every target is a valid index of a (K,) tensor (else that path,
+        # of ce_terms, when every target is a valid index of a (K,) tensor (else that path,
         # whose indexing raises for a non-ignored target outside [-K, K), as before).
         lo, hi = torch.aminmax(t)
         if int(lo) >= -k and int(hi) < k:
             return (t != prep.ignore_index).sum().to(cd)
-    _, _, _, w_y, _ = _autograd._ce_terms(
+    _, _, _, w_y, _ = _torch.ce_terms(
         prep.target, prep.weight, prep.ignore_index, 0.0, k, prep.z2.device, cd
     )
     return w_y.sum()
@@ -228,7 +228,7 @@ def _class_rows_torch(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
     z = prep.z2.to(cd)
     k = z.shape[-1]
     logp = torch.log_softmax(z, dim=-1)
-    valid, y, w, w_y, _ = _autograd._ce_terms(
+    valid, y, w, w_y, _ = _torch.ce_terms(
         prep.target, prep.weight, prep.ignore_index, prep.eps, k, z.device, cd
     )
     rows = -(1.0 - prep.eps) * w_y * logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
@@ -470,7 +470,7 @@ def cross_entropy_hessian(
         if reduction == "mean":
             coef = coef / n
     else:
-        _, _, _, w_y, _ = _autograd._ce_terms(
+        _, _, _, w_y, _ = _torch.ce_terms(
             prep.target, weight, ignore_index, 0.0, k, p.device, p.dtype
         )
         coef = w_y / w_y.sum() if reduction == "mean" else w_y

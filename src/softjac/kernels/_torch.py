@@ -12,6 +12,8 @@ from softjac import _core
 from softjac._checks import as_float_dtype
 
 __all__ = [
+    "ce_grad_from_probs",
+    "ce_terms",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "softmax_jacobian_dense",
@@ -43,16 +45,44 @@ def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
     return _core.jacobian_last(_up(probs)).to(probs.dtype)
 
 
-def _smoothing_terms(logits32, target, weight, ignore_index, label_smoothing):
-    k = logits32.shape[-1]
+def ce_terms(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+    k: int,
+    device: torch.device,
+    dtype: torch.dtype,
+):
+    """Per-row terms of cross-entropy with class-index targets, in ``dtype``: ``valid (N,)``,
+    ``y (N,)`` (ignored rows → class 0), ``w (K,)`` (ones if None), ``w_y (N,)`` (0 for ignored
+    rows) and ``a_n = (1 − ε) w[y_n] + (ε/K) Σ_c w[c]`` (0 for ignored rows)."""
     valid = target != ignore_index
-    safe_t = torch.where(valid, target, torch.zeros_like(target))
-    if weight is None:
-        w = torch.ones(k, dtype=torch.float32, device=logits32.device)
-    else:
-        w = weight.float()
-    w_y = torch.where(valid, w[safe_t], torch.zeros((), device=logits32.device))
-    return valid, safe_t, w, w_y
+    y = torch.where(valid, target, torch.zeros_like(target))
+    w = torch.ones(k, dtype=dtype, device=device) if weight is None else weight.to(dtype)
+    w_y = torch.where(valid, w[y], torch.zeros((), dtype=dtype, device=device))
+    a = (1.0 - eps) * w_y
+    if eps > 0:
+        a = a + (eps / k) * w.sum() * valid
+    return valid, y, w, w_y, a
+
+
+def ce_grad_from_probs(
+    p: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+) -> torch.Tensor:
+    """``∂loss_n/∂z_n = a_n σ_n − (1 − ε) w[y_n] e_{y_n} − (ε/K) w`` (0 for ignored rows) from
+    ``p = σ`` ``(N, K)``, with differentiable torch ops in σ's dtype."""
+    k = p.shape[-1]
+    valid, y, w, w_y, a = ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+    out = p * a.unsqueeze(-1)
+    out = out.scatter_add(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y).unsqueeze(-1))
+    if eps > 0:
+        out = out - (eps / k) * w * valid.unsqueeze(-1)
+    return out
 
 
 def cross_entropy_forward(
@@ -62,15 +92,16 @@ def cross_entropy_forward(
     ignore_index: int,
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    z = logits.float()
+    """Per-row losses and log-sum-exp in at least float32 (float64 for float64 logits)."""
+    z = _up(logits)
     k = z.shape[-1]
+    eps = label_smoothing
     lse = torch.logsumexp(z, dim=-1)
-    valid, safe_t, w, w_y = _smoothing_terms(z, target, weight, ignore_index, label_smoothing)
-    nll = lse - z.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
-    loss = (1 - label_smoothing) * w_y * nll
-    if label_smoothing > 0:
+    valid, y, w, w_y, _ = ce_terms(target, weight, ignore_index, eps, k, z.device, z.dtype)
+    loss = (1 - eps) * w_y * (lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+    if eps > 0:
         smooth = (w * (lse.unsqueeze(-1) - z)).sum(-1)
-        loss = loss + (label_smoothing / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
+        loss = loss + (eps / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
     return loss, lse
 
 
@@ -85,19 +116,11 @@ def cross_entropy_backward(
     *,
     inplace: bool = False,
 ) -> torch.Tensor:
-    z = logits.float()
-    k = z.shape[-1]
-    valid, safe_t, w, w_y = _smoothing_terms(z, target, weight, ignore_index, label_smoothing)
-    p = (z - lse.unsqueeze(-1)).exp()
-    eps = label_smoothing
-    coef = (1 - eps) * w_y + (eps / k) * torch.where(
-        valid, w.sum(), torch.zeros((), device=z.device)
-    )
-    g = p * coef.unsqueeze(-1)
-    g = g.scatter_add(-1, safe_t.unsqueeze(-1), (-(1 - eps) * w_y).unsqueeze(-1))
-    if eps > 0:
-        g = g - (eps / k) * w * valid.unsqueeze(-1)
-    g = g * grad_rows.float().unsqueeze(-1)
+    """``grad_rows[n] · ∂loss_n/∂z_n`` in at least float32, returned in the logits dtype."""
+    z = _up(logits)
+    p = (z - lse.to(z.dtype).unsqueeze(-1)).exp()
+    g = ce_grad_from_probs(p, target, weight, ignore_index, label_smoothing)
+    g = g * grad_rows.to(z.dtype).unsqueeze(-1)
     if inplace:
         return logits.copy_(g)
     return g.to(logits.dtype)

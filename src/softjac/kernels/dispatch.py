@@ -31,8 +31,9 @@ Contract (every backend meets it):
   recomputed on the fly (``lse`` of shape ``(..., 1)``, float32 or wider).
 * ``softmax_jacobian_dense(probs)`` → ``(..., K, K)``.
 * ``cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)`` on 2-D
-  logits ``(N, K)`` and int64 class indices ``(N,)`` → ``(loss_rows, lse)``, both float32 of
-  shape ``(N,)``, unreduced, ignored rows giving loss 0. With ``w`` the class weights (ones if
+  logits ``(N, K)`` and int64 class indices ``(N,)`` → ``(loss_rows, lse)``, both float32
+  (float64 for float64 logits, which always run the PyTorch implementation) of shape ``(N,)``,
+  unreduced, ignored rows giving loss 0. With ``w`` the class weights (ones if
   None) and ``ε`` the smoothing:
   ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε / K) Σ_c w[c] (lse_n − z_{n,c})``.
 * ``cross_entropy_backward(logits, target, lse, grad_rows, weight, ignore_index,
@@ -249,8 +250,10 @@ def cross_entropy_forward(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss_rows, lse)`` (float32, ``(N,)``) for ``(N, K)`` logits, see the module doc.
-    The Triton kernel reads each row once (online log-sum-exp)."""
+    """``(loss_rows, lse)`` (float32, ``(N,)``; float64 for float64 logits) for ``(N, K)``
+    logits, see the module doc. The Triton kernel reads each row once (online log-sum-exp)."""
+    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
+        return _torch.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
     chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
     args = (logits, target, weight, ignore_index, label_smoothing)
     if chosen == "triton":
@@ -279,6 +282,10 @@ def cross_entropy_backward(
 ) -> torch.Tensor:
     """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; the
     Triton kernel reads each logit once and writes once (into ``logits`` when ``inplace``)."""
+    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
+        return _torch.cross_entropy_backward(
+            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+        )
     chosen = resolve_backend(
         "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
     )
