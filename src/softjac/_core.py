@@ -40,6 +40,7 @@ __all__ = [
     "logsumexp_last",
     "masked_scaled_logits",
     "max_complement",
+    "one_minus",
     "softmax_last",
     "vjp_last",
 ]
@@ -104,6 +105,12 @@ def max_complement(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return p.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
 
 
+def one_minus(p: torch.Tensor) -> torch.Tensor:
+    """``1 − p_i`` per entry, the argmax's taken as ``Σ_{j≠i*} p_j`` (no cancellation)."""
+    idx = argmax_index(p)
+    return (1 - p).scatter(-1, idx, max_complement(p, idx))
+
+
 def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v = p ⊙ (v − ⟨p, v⟩)`` with ``J = diag(p) − p pᵀ``; O(K) per row, J never formed.
 
@@ -123,10 +130,8 @@ def jacobian_last(p: torch.Tensor) -> torch.Tensor:
 
     The diagonal is ``p_i (1 − p_i)`` with ``1 − p_{i*}`` taken as ``Σ_{j≠i*} p_j``.
     """
-    idx = argmax_index(p)
-    one_minus = (1 - p).scatter(-1, idx, max_complement(p, idx))
     jac = -(p.unsqueeze(-1) * p.unsqueeze(-2))
-    jac.diagonal(dim1=-2, dim2=-1).copy_(p * one_minus)
+    jac.diagonal(dim1=-2, dim2=-1).copy_(p * one_minus(p))
     return jac
 
 
@@ -138,9 +143,7 @@ def log_softmax_jacobian_last(p: torch.Tensor) -> torch.Tensor:
     """
     keep = (p > 0).to(p.dtype)
     out = -(keep.unsqueeze(-1) * p.unsqueeze(-2))
-    idx = argmax_index(p)
-    diag = (keep * (1 - p)).scatter(-1, idx, max_complement(p, idx))
-    out.diagonal(dim1=-2, dim2=-1).copy_(diag * keep)
+    out.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p) * keep)
     return out
 
 
@@ -158,9 +161,8 @@ def hessian_last(p: torch.Tensor) -> torch.Tensor:
     (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``shared/MATH.md``.)
     """
     jac = jacobian_last(p)
-    idx = argmax_index(p)
     lsj = -p.unsqueeze(-2).expand(jac.shape).clone()  # [i, k] = δ_ik − p_k
-    lsj.diagonal(dim1=-2, dim2=-1).copy_((1 - p).scatter(-1, idx, max_complement(p, idx)))
+    lsj.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p))
     first = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
     second = p[..., :, None, None] * jac.unsqueeze(-3)  # [i, j, k] = p_i J_jk
     return first - second

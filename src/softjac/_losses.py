@@ -374,9 +374,7 @@ class CrossEntropyHessian:
         """``c_n σ_{n,i} (1 − σ_{n,i})``, shape ``(N, K)``, with ``1 − σ`` of the argmax taken
         as the sum of the other entries (accurate); O(N·K)."""
         p = self.probs
-        idx = _core.argmax_index(p)
-        one_minus = (1 - p).scatter(-1, idx, _core.max_complement(p, idx))
-        return p * one_minus * self.coef.unsqueeze(-1)
+        return p * _core.one_minus(p) * self.coef.unsqueeze(-1)
 
     def trace(self) -> torch.Tensor:
         """``c_n (1 − Σ_i σ_{n,i}²)`` per sample, shape ``(N,)``; O(N·K)."""

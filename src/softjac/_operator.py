@@ -47,12 +47,6 @@ def _support(p: torch.Tensor) -> torch.Tensor:
     return p >= torch.finfo(p.dtype).tiny
 
 
-def _complement(p: torch.Tensor) -> torch.Tensor:
-    """``1 − σ_i`` per entry, with the argmax's taken as ``Σ_{j≠i*} σ_j`` (no cancellation)."""
-    idx = _core.argmax_index(p)
-    return (1 - p).scatter(-1, idx, _core.max_complement(p, idx))
-
-
 def _apply(
     fn: str,
     p: torch.Tensor,
@@ -300,7 +294,7 @@ class SoftmaxJacobian(_Structured):
 
     def diagonal(self) -> torch.Tensor:
         """``σ_i (1 − σ_i) / T`` with ``1 − σ_{i*} = Σ_{j≠i*} σ_j``; shape ``(*batch, K)``, O(K)."""
-        return self._scaled(self._p * _complement(self._p))
+        return self._scaled(self._p * _core.one_minus(self._p))
 
     def trace(self) -> torch.Tensor:
         """``tr J / T = Σ σ_i(1 − σ_i) / T = (1 − Σσ²)/T`` (from the accurate diagonal); O(K)."""
@@ -314,7 +308,7 @@ class SoftmaxJacobian(_Structured):
         """
         p = self._p
         p2 = p * p
-        diag2 = (p * _complement(p)).square().sum(-1)
+        diag2 = (p * _core.one_minus(p)).square().sum(-1)
         idx = _core.argmax_index(p)
         rest = (p2.sum(-1, keepdim=True) - p2).scatter(-1, idx, _core.max_complement(p2, idx))
         off = (p2 * rest).sum(-1)
@@ -610,7 +604,7 @@ class SoftmaxJacobianSqrtFactor(_Structured):
         p = self._p
         r = p.sqrt()
         dense = -(p.unsqueeze(-1) * r.unsqueeze(-2))
-        dense = dense.diagonal_scatter(r * _complement(p), dim1=-2, dim2=-1)
+        dense = dense.diagonal_scatter(r * _core.one_minus(p), dim1=-2, dim2=-1)
         dense = dense.mT if self._transposed else dense
         return self._scaled(dense)
 
