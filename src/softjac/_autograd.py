@@ -67,11 +67,6 @@ def _batched(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tenso
     return x.movedim(bdim, 0)
 
 
-def _check_backend(fn: str, backend: object) -> None:
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"`{fn}`: `backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
-
-
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -225,7 +220,7 @@ def softmax_last_autograd(z: torch.Tensor, backend: str = "auto") -> torch.Tenso
         σ with the shape and dtype of ``z``. Cost O(K) per row, forward and backward; the
         only tensor kept for backward is σ.
     """
-    _check_backend("softjac.softmax", backend)
+    dispatch.check_backend("softjac.softmax", backend)
     return _apply_softmax(z, backend)
 
 
@@ -427,7 +422,7 @@ def cross_entropy_rows(
     Hessian ``a_n J_n`` per row. Inputs are not validated here (the public
     ``softjac.cross_entropy`` does that).
     """
-    _check_backend("softjac.cross_entropy", backend)
+    dispatch.check_backend("softjac.cross_entropy", backend)
     return _apply_ce_rows(
         logits, target, weight, int(ignore_index), float(label_smoothing), backend
     )[0]

@@ -62,16 +62,11 @@ def _prepare(
     return _core.masked_scaled_logits(z, m, t), d, t
 
 
-def _check_backend(fn: str, backend: object) -> None:
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"`{fn}`: `backend` must be one of {dispatch.BACKENDS}. Got {backend!r}.")
-
-
 def _use_kernel(fn: str, backend: str, z: torch.Tensor) -> bool:
     """Whether a logits-based product goes to ``softjac.kernels`` rather than the
     unrounded-σ path of ``_core`` (which gives the correctly rounded golden values): only
     when a kernel backend is named, or for float32/half on CUDA under ``"auto"``."""
-    _check_backend(fn, backend)
+    dispatch.check_backend(fn, backend)
     return backend in ("triton", "cpu") or (
         backend == "auto" and z.is_cuda and z.dtype != torch.float64
     )
@@ -123,7 +118,6 @@ def softmax(
     Returns:
         σ with the shape, dtype and device of ``logits``. Cost O(K) per slice.
     """
-    _check_backend("softjac.softmax", backend)
     z, d, _ = _prepare("softjac.softmax", logits, dim, mask, temperature)
     return softmax_last_autograd(z, backend).to(logits.dtype).movedim(-1, d)
 

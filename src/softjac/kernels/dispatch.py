@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "check_backend",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "resolve_backend",
@@ -132,6 +133,12 @@ def _opaque(x: torch.Tensor) -> str:
     return ""
 
 
+def check_backend(fn: str, backend: object) -> None:
+    """``ValueError`` naming ``fn`` unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`{fn}`: `backend` must be one of {BACKENDS}. Got {backend!r}.")
+
+
 def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
     """The concrete backend (``"torch"``, ``"triton"`` or ``"cpu"``) for ``op`` on ``x``.
 
@@ -140,8 +147,7 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
     (inputs that require grad with grad mode on), inside ``torch.func`` transforms and
     ``torch.compile``; an explicit backend that cannot run raises ``RuntimeError``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"`{fn}`: `backend` must be one of {BACKENDS}. Got {backend!r}.")
+    check_backend(fn, backend)
     dev = x.device.type
     if backend in ("triton", "cpu"):
         for t in (x, *others):
