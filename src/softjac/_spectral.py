@@ -150,20 +150,9 @@ def _secular_sums(
     ψ sums ``c_j/(d_j − λ)`` over the poles left of λ (negative terms), φ over those right of
     it; the differences are formed as ``(d_j − d_o) − τ``. Scaled by ``|τ|`` (every
     ``|d_j − λ| ≥ |τ|``, so ``|τ|/(d_j − λ) ∈ [−1, 1]``, and the squares cannot overflow).
-    O(K) per row: one fused pass on CPU when the C loop is available, else PyTorch in
-    cache-sized chunks.
+    O(K) per row, PyTorch on any device, in cache-sized chunks (the PyTorch path of the
+    solver; on CPU the C loop of ``kernels/_secular.c`` runs the whole iteration instead).
     """
-    return _secular_sums_torch(s, c, rb, s_o, tau)
-
-
-def _secular_sums_torch(
-    s: torch.Tensor,
-    c: torch.Tensor,
-    rb: torch.Tensor,
-    s_o: torch.Tensor,
-    tau: torch.Tensor,
-) -> torch.Tensor:
-    """PyTorch implementation of :func:`_secular_sums` (any device), in cache-sized chunks."""
     nb, k = s.shape
     n = tau.numel()
     out = torch.empty(n, 4, dtype=s.dtype, device=s.device)
