@@ -425,6 +425,27 @@ def test_shared_c_builder(tmp_path, monkeypatch):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("k", (1 << 17, (1 << 17) + 8, (1 << 17) + 13))
+def test_cpu_vjp_float32_streamed_long_rows(k):
+    """Rows of ≥ 2**17 float32 entries write with non-temporal stores when the output row is
+    32-byte aligned (k a multiple of 8) and with plain stores otherwise (k + 13 misaligns
+    every row but the first); the argmax entry, written after the streamed ones, is put in
+    the scalar tail (the last entry) and in the last vector of a row."""
+    g = torch.Generator().manual_seed(k)
+    z = 2.0 * torch.randn(4, k, generator=g, dtype=torch.float64)
+    z[1, k - 1] = 30.0
+    z[2, k - 9] = 30.0
+    p = _core.softmax_last(z).to(torch.float32)
+    v = torch.randn(4, k, generator=g, dtype=torch.float64).to(torch.float32)
+    out = dispatch.softmax_vjp(p, v, backend="cpu")
+    assert vjp_error_ratio(out, p, v) <= 1.0
+    for row in (1, 2):
+        i = int(p[row].double().argmax())
+        ref = p[row, i].double() * (p[row].double() * (v[row, i].double() - v[row].double())).sum()
+        assert abs(out[row, i].item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-30
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("k", (8, 16, 31, 32, 33, 511, 512, 513, 1500))
 def test_cpu_vjp_float32_ties_and_block_edges(k):
     """The float32 path (vector lanes, argmax tracked per lane): ties of the maximum in
