@@ -17,6 +17,9 @@ Ops:
   (what ``F.softmax``'s backward runs). Compiled: ``σ ⊙ (v − ⟨v, σ⟩)``.
 * ``vjp_logits`` — J v from logits and the saved log-sum-exp. Eager: softmax then the native
   backward. Compiled: ``exp(z − lse)`` then the formula.
+* ``vjp_dim1``   — the same from σ of shape (B, K, M) with the classes in dim 1 (softmax over
+  channels); softjac gets the ``movedim(1, -1)`` views, as ``softjac.vjp_from_probs(...,
+  dim=1)`` passes them. Eager: ``torch._softmax_backward_data(..., dim=1)``.
 * ``jacobian``   — dense (N, K, K). Eager: the tutorial's ``diag_embed(σ) − σσᵀ``.
 * ``ce_fwd_bwd`` — cross-entropy loss rows and their gradient. Eager: ``F.cross_entropy``
   forward + backward (reduction ``sum``).
@@ -50,6 +53,8 @@ VJP_SHAPES = [(65536, 128), (16384, 1024), (4096, 8192), (512, 32768), (128, 131
 VJP_SHAPES_GPU = [
     (262144, 128), (65536, 1024), (8192, 8192), (2048, 32768), (512, 131072), (256, 262144),
 ]  # fmt: skip
+DIM1_SHAPES = [(64, 1000, 256), (32, 32768, 16)]
+DIM1_SHAPES_GPU = [(256, 1000, 256), (128, 32768, 16)]
 LOGITS_SHAPES = [(16384, 1024), (4096, 8192), (128, 131072)]
 LOGITS_SHAPES_GPU = [(65536, 1024), (8192, 8192), (512, 131072)]
 JAC_SHAPES = [(256, 256), (32, 1024)]
@@ -189,6 +194,7 @@ class Bench:
         x = torch.empty(1, 1, dtype=dtype, device=self.device)
         key = {
             "vjp_probs": "softmax_vjp",
+            "vjp_dim1": "softmax_vjp",
             "vjp_logits": "softmax_vjp_from_logits",
             "jacobian": "softmax_jacobian_dense",
             "ce_fwd_bwd": "cross_entropy_forward",
@@ -248,6 +254,23 @@ def bench_vjp(b: Bench, shapes, dtype):
             "vjp_probs", (n, k), dtype, 3 * n * k * p.element_size(),
             lambda p=p, v=v: dispatch.softmax_vjp(p, v, backend=b.backend),
             lambda p=p, v=v: torch._softmax_backward_data(v, p, -1, p.dtype),
+            None if formula is None else (lambda p=p, v=v: formula(p, v)),
+        )  # fmt: skip
+
+
+def bench_vjp_dim1(b: Bench, shapes, dtype):
+    formula = b.compiled(lambda p, v: p * (v - (p * v).sum(1, keepdim=True)))
+    for shape in shapes:
+        z, v = _gen(shape, dtype, b.device)
+        p = torch.softmax(z, 1).to(dtype)
+        pl, vl = p.movedim(1, -1), v.movedim(1, -1)
+        out = dispatch.softmax_vjp(pl, vl, backend=b.backend)
+        check("vjp_dim1", out[:2], _core.vjp_last(pl[:2].double(), vl[:2].double()), dtype)
+        del out
+        b.run(
+            "vjp_dim1", shape, dtype, 3 * p.numel() * p.element_size(),
+            lambda pl=pl, vl=vl: dispatch.softmax_vjp(pl, vl, backend=b.backend),
+            lambda p=p, v=v: torch._softmax_backward_data(v, p, 1, p.dtype),
             None if formula is None else (lambda p=p, v=v: formula(p, v)),
         )  # fmt: skip
 
@@ -358,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--backend", default="auto", choices=dispatch.BACKENDS)
-    ap.add_argument("--ops", default="vjp_probs,vjp_logits,jacobian,ce_fwd_bwd")
+    ap.add_argument("--ops", default="vjp_probs,vjp_dim1,vjp_logits,jacobian,ce_fwd_bwd")
     args = ap.parse_args(argv)
     if args.quick:
         args.device = "cpu"
@@ -378,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes:
         if "vjp_probs" in ops:
             bench_vjp(b, VJP_SHAPES_GPU if gpu else VJP_SHAPES, dtype)
+        if "vjp_dim1" in ops:
+            bench_vjp_dim1(b, DIM1_SHAPES_GPU if gpu else DIM1_SHAPES, dtype)
         if "vjp_logits" in ops:
             shapes = LOGITS_SHAPES_GPU if gpu else LOGITS_SHAPES
             bench_vjp_logits(b, shapes[1:] if args.quick else shapes, dtype)

@@ -425,6 +425,45 @@ def test_shared_c_builder(tmp_path, monkeypatch):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [
+        ((3, 5, 7), 1),
+        ((2, 1000, 33), 1),
+        ((6, 70, 129), 1),
+        ((2, 3, 4), 0),
+        ((2, 300, 2, 3), 1),
+        ((2, 9, 600), 1),  # more columns than one tile holds (256)
+        ((1, 8000, 150), 1),  # tiles narrowed by the 8 MiB budget: 64 or 128 columns
+    ],
+    ids=str,
+)
+def test_cpu_vjp_class_dim_in_the_middle(dtype, shape, dim):
+    """Softmax over ``dim != -1`` of a contiguous tensor: the inner-layout kernel reads σ and v
+    in place (tiles of columns, SIMD across them) and returns J v in the same layout; columns
+    with ties, with the maximum at the last class, and fully masked ones included, and shapes
+    that take one tile, several, and a narrow last one."""
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[dim])
+    z = 3.0 * torch.randn(shape, generator=g, dtype=torch.float64)
+    zl = z.movedim(dim, -1)  # a view: edits land in z
+    zl[(0,) * (zl.dim() - 1)] = 0.0  # every class ties
+    zl[(1,) * (zl.dim() - 1) if zl.shape[0] > 1 else (0,) * (zl.dim() - 1)][-1] = 40.0
+    zl[..., -1, :] = float("-inf")  # the last column of each batch entry is masked
+    p = _core.softmax_last(zl).to(dtype)
+    p = p.movedim(-1, dim).contiguous().movedim(dim, -1)  # σ laid out like z
+    v = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).movedim(dim, -1)
+    out = dispatch.softmax_vjp(p, v, backend="cpu")
+    assert out.shape == p.shape and out.dtype == dtype
+    assert out.movedim(-1, dim).is_contiguous()  # computed in place: no transposed copy
+    assert torch.equal(out[..., -1, :], torch.zeros_like(out[..., -1, :]))
+    assert vjp_error_ratio(out, p, v) <= 1.0
+    # v in another layout (class dim last, contiguous) is copied into σ's
+    v2 = v.contiguous()
+    assert vjp_error_ratio(dispatch.softmax_vjp(p, v2, backend="cpu"), p, v2) <= 1.0
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("k", (1 << 17, (1 << 17) + 8, (1 << 17) + 13))
 def test_cpu_vjp_float32_streamed_long_rows(k):
     """Rows of ≥ 2**17 float32 entries write with non-temporal stores when the output row is

@@ -35,7 +35,7 @@ __all__ = [
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-_ABI = 3
+_ABI = 4
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -71,6 +71,9 @@ def _load() -> ctypes.CDLL | None:
         for suffix in _SUFFIX.values():
             fn = getattr(lib, f"softjac_vjp_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            fn = getattr(lib, f"softjac_vjp_inner_{suffix}")
+            fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
             fn.restype = ctypes.c_int
             fn = getattr(lib, f"softjac_vjp_logits_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
@@ -123,22 +126,49 @@ def _lib_or_raise() -> ctypes.CDLL:
     return lib
 
 
+def _inner_layout(x: torch.Tensor) -> int | None:
+    """For ``x`` with the class dim last: the position ``pos`` at which moving the class dim
+    back makes ``x`` contiguous (``x`` is then a ``movedim`` of a contiguous tensor whose class
+    dim sits in the middle, as for softmax over ``dim != -1``), else None."""
+    for pos in range(x.dim() - 1):
+        if x.movedim(-1, pos).is_contiguous():
+            return pos
+    return None
+
+
 def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim by the C kernel; O(K) per row, one read
     of σ and v from memory and one write; the argmax entry is
     ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``. ``probs`` and ``v``: CPU tensors of one dtype
-    (float16/bfloat16/float32/float64) and shape; the result has that dtype."""
+    (float16/bfloat16/float32/float64) and shape; the result has that dtype.
+
+    When ``probs`` is a ``movedim`` of a contiguous tensor (softmax over ``dim != -1``), the
+    inner-layout kernel reads it in place (and ``v`` too when laid out alike; otherwise only
+    ``v`` is copied into that layout) and the result comes back in the same layout."""
     lib = _lib_or_raise()
     shape = probs.shape
     k = shape[-1] if probs.dim() else 1
+    threads = torch.get_num_threads()
+    suffix = _SUFFIX[probs.dtype]
+    pos = _inner_layout(probs) if 1 < k < 2**31 and probs.stride(-1) != 1 else None
+    if pos is not None:
+        pm = probs.movedim(-1, pos)
+        vm = v.movedim(-1, pos).contiguous()
+        out = torch.empty(pm.shape, dtype=probs.dtype)
+        m = pm[(0,) * (pos + 1)].numel()
+        nb = pm.numel() // (k * m) if m else 0
+        if nb and m:
+            fn = getattr(lib, f"softjac_vjp_inner_{suffix}")
+            fn(pm.data_ptr(), vm.data_ptr(), out.data_ptr(), nb, k, m, threads)
+        return out.movedim(pos, -1)
     p2, sp = _rows(probs)
     v2, sv = _rows(v)
     out = torch.empty(shape, dtype=probs.dtype)
     o2, so = _rows(out)
     n = p2.numel() // k if k else 0
     if n and k:
-        fn = getattr(lib, f"softjac_vjp_{_SUFFIX[probs.dtype]}")
-        fn(p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, torch.get_num_threads())
+        fn = getattr(lib, f"softjac_vjp_{suffix}")
+        fn(p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads)
     return out
 
 
