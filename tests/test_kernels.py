@@ -485,7 +485,9 @@ def test_cpu_vjp_float32_streamed_long_rows(k):
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("k", (8, 16, 31, 32, 33, 511, 512, 513, 1500))
+@pytest.mark.parametrize(
+    "k", (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 511, 512, 513, 1500)
+)
 def test_cpu_vjp_float32_ties_and_block_edges(k):
     """The float32 path (vector lanes, argmax tracked per lane): ties of the maximum in
     several lanes and blocks, the maximum in the scalar tail, and zero rows."""
