@@ -30,6 +30,7 @@ import torch
 __all__ = [
     "argmax_index",
     "exp_parts",
+    "from_last",
     "jacobian_logits_last",
     "vjp_logits_last",
     "hessian_last",
@@ -42,6 +43,7 @@ __all__ = [
     "max_complement",
     "one_minus",
     "softmax_last",
+    "to_last",
     "vjp_last",
 ]
 
@@ -84,6 +86,17 @@ def logsumexp_last(z: torch.Tensor) -> torch.Tensor:
     m = _safe_max(z)
     s = (z - m).exp().sum(dim=-1, keepdim=True)
     return torch.where(s > 0, m + s.log(), torch.full_like(s, float("inf")))
+
+
+def to_last(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x`` with dim ``d`` (normalised, ``0 <= d < x.ndim``) moved last; ``x`` itself when it
+    already is (``movedim`` costs microseconds even then, which small calls notice)."""
+    return x if d == x.ndim - 1 else x.movedim(d, -1)
+
+
+def from_last(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of :func:`to_last`: the last dim of ``x`` moved back to ``d``."""
+    return x if d == x.ndim - 1 else x.movedim(-1, d)
 
 
 def softmax_last(z: torch.Tensor) -> torch.Tensor:

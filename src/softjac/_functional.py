@@ -56,9 +56,9 @@ def _prepare(
     d = check_logits(fn, logits, dim)
     t = check_temperature(fn, temperature)
     m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
-    z = logits.to(as_float_dtype(logits.dtype)).movedim(d, -1)
+    z = _core.to_last(logits.to(as_float_dtype(logits.dtype)), d)
     if m is not None:
-        m = m.movedim(d, -1)
+        m = _core.to_last(m, d)
     return _core.masked_scaled_logits(z, m, t), d, t
 
 
@@ -119,7 +119,7 @@ def softmax(
         σ with the shape, dtype and device of ``logits``. Cost O(K) per slice.
     """
     z, d, _ = _prepare("softjac.softmax", logits, dim, mask, temperature)
-    return softmax_last_autograd(z, backend).to(logits.dtype).movedim(-1, d)
+    return _core.from_last(softmax_last_autograd(z, backend).to(logits.dtype), d)
 
 
 def jacobian(
@@ -202,7 +202,7 @@ def _jacobian_product(fn, logits, v, dim, mask, temperature, backend):
     """``J v / T`` along ``dim`` for :func:`vjp` and :func:`jvp` (``fn`` names the caller)."""
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
     check_same_shape(fn, "v", v, "logits", logits)
-    v_last = v.movedim(d, -1)
+    v_last = _core.to_last(v, d)
     if _use_kernel(fn, backend, logits):
         lse = _core.logsumexp_last(z)
         out = dispatch.softmax_vjp_from_logits(z, lse, v_last, backend=backend)
@@ -210,7 +210,7 @@ def _jacobian_product(fn, logits, v, dim, mask, temperature, backend):
         out = _core.vjp_logits_last(z, v_last.to(z.dtype))
     if t != 1.0:
         out = out / t
-    return out.to(logits.dtype).movedim(-1, d)
+    return _core.from_last(out.to(logits.dtype), d)
 
 
 def jvp(
@@ -241,8 +241,8 @@ def vjp_from_probs(
     fn = "softjac.vjp_from_probs"
     d = check_logits(fn, probs, dim, name="probs")
     check_same_shape(fn, "v", v, "probs", probs)
-    out = dispatch.softmax_vjp(probs.movedim(d, -1), v.movedim(d, -1), backend=backend)
-    return out.movedim(-1, d)
+    out = dispatch.softmax_vjp(_core.to_last(probs, d), _core.to_last(v, d), backend=backend)
+    return _core.from_last(out, d)
 
 
 def hvp(
@@ -265,10 +265,10 @@ def hvp(
     check_same_shape(fn, "v", v, "logits", logits)
     p, d, t = _probs_last(fn, logits, dim, mask, temperature)
     cd = p.dtype
-    out = _core.hvp_last(p, w.movedim(d, -1).to(cd), v.movedim(d, -1).to(cd))
+    out = _core.hvp_last(p, _core.to_last(w, d).to(cd), _core.to_last(v, d).to(cd))
     if t != 1.0:
         out = out / (t * t)
-    return out.to(logits.dtype).movedim(-1, d)
+    return _core.from_last(out.to(logits.dtype), d)
 
 
 def hessian(

@@ -96,7 +96,7 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
             f"`{fn}`: `target` and `logits` must be on the same device. "
             f"Got {target.device} and {logits.device}."
         )
-    z = logits.movedim(d, -1)
+    z = _core.to_last(logits, d)
     batch_shape = z.shape[:-1]
     z2 = z.reshape(-1, k)
     if target.is_floating_point():
@@ -105,7 +105,7 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
                 f"`{fn}`: probability `target` must have the shape of `logits`. "
                 f"Got {fmt_shape(target.shape)} and {fmt_shape(logits.shape)}."
             )
-        t = target.movedim(d, -1).reshape(-1, k)
+        t = _core.to_last(target, d).reshape(-1, k)
         return _Prepared(z2, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
     want = logits.shape[:d] + logits.shape[d + 1 :]
     if target.shape != want:
@@ -285,7 +285,7 @@ def cross_entropy_grad(
                 z, scale, prep.target, lse, w, ignore_index, prep.eps, backend
             )
         g = g.to(logits.dtype).reshape(*prep.batch_shape, z.shape[-1])
-    return g.movedim(-1, prep.d)
+    return _core.from_last(g, prep.d)
 
 
 class CrossEntropyHessian:

@@ -46,6 +46,7 @@ _SUFFIX = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+_fns: dict[str, ctypes._CFuncPtr] = {}  # the VJP entry points by name, set up by _load
 
 
 # Module-level names so that tests can replace them (e.g. a missing compiler).
@@ -87,6 +88,11 @@ def _load() -> ctypes.CDLL | None:
             fn = getattr(lib, f"softjac_ce_bwd_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
             fn.restype = ctypes.c_int
+        _fns.update(
+            (name, getattr(lib, name))
+            for suffix in _SUFFIX.values()
+            for name in (f"softjac_vjp_{suffix}", f"softjac_vjp_inner_{suffix}")
+        )
         _lib = lib
         return _lib
 
@@ -145,11 +151,19 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     When ``probs`` is a ``movedim`` of a contiguous tensor (softmax over ``dim != -1``), the
     inner-layout kernel reads it in place (and ``v`` too when laid out alike; otherwise only
     ``v`` is copied into that layout) and the result comes back in the same layout."""
-    lib = _lib_or_raise()
+    _lib_or_raise()
     shape = probs.shape
     k = shape[-1] if probs.dim() else 1
     threads = torch.get_num_threads()
     suffix = _SUFFIX[probs.dtype]
+    if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
+        out = torch.empty(shape, dtype=probs.dtype)
+        n = probs.numel() // k if k else 0
+        if n:
+            _fns[f"softjac_vjp_{suffix}"](
+                probs.data_ptr(), v.data_ptr(), out.data_ptr(), n, k, k, k, k, threads
+            )
+        return out
     pos = _inner_layout(probs) if 1 < k < 2**31 and probs.stride(-1) != 1 else None
     if pos is not None:
         pm = probs.movedim(-1, pos)
@@ -158,8 +172,9 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = pm[(0,) * (pos + 1)].numel()
         nb = pm.numel() // (k * m) if m else 0
         if nb and m:
-            fn = getattr(lib, f"softjac_vjp_inner_{suffix}")
-            fn(pm.data_ptr(), vm.data_ptr(), out.data_ptr(), nb, k, m, threads)
+            _fns[f"softjac_vjp_inner_{suffix}"](
+                pm.data_ptr(), vm.data_ptr(), out.data_ptr(), nb, k, m, threads
+            )
         return out.movedim(pos, -1)
     p2, sp = _rows(probs)
     v2, sv = _rows(v)
@@ -167,8 +182,9 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     o2, so = _rows(out)
     n = p2.numel() // k if k else 0
     if n and k:
-        fn = getattr(lib, f"softjac_vjp_{suffix}")
-        fn(p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads)
+        _fns[f"softjac_vjp_{suffix}"](
+            p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads
+        )
     return out
 
 

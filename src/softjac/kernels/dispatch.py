@@ -203,7 +203,8 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") 
     chosen = resolve_backend("softjac.vjp_from_probs", backend, probs, "softmax_vjp", v)
     if chosen == "torch" or probs.numel() == 0:
         return _torch.softmax_vjp(probs, v)
-    v = v.to(probs.dtype)
+    if v.dtype != probs.dtype:
+        v = v.to(probs.dtype)
     if chosen == "cpu":
         return _cpu.softmax_vjp(probs, v)
     return _triton_or_fallback(
