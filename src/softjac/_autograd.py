@@ -177,7 +177,7 @@ class SoftmaxLast(torch.autograd.Function):
             and not _compiling()
         ):
             return cls.forward(z, backend)
-        return super().apply(z, backend)
+        return _apply_positional(cls, (z, backend), 2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -465,7 +465,7 @@ def _traceable(backend: str) -> str:
 def _apply_vjp(p, v, backend):
     if _compiling():
         return _SoftmaxVJPCompiled.apply(p, v, _traceable(backend))
-    return SoftmaxVJP.apply(p, v, backend)
+    return _apply_positional(SoftmaxVJP, (p, v, backend), 3)
 
 
 def _apply_softmax(z, backend):

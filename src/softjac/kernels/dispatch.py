@@ -24,6 +24,13 @@ Backends:
   subclasses and ``torch.compile`` tracing. Never imports triton unless it is installed and
   will be used.
 
+Layouts: rows addressed through a row stride need no copy in any backend (row slices,
+batch-transposed inputs). A class dim that is not the innermost one (``vjp_from_probs(...,
+dim=1)`` or ``softmax(..., dim=1)``'s backward on a contiguous tensor, which reach here as
+``movedim`` views) is read in place by the CPU VJP kernel (``softmax_vjp``: tiles of columns,
+SIMD across them; the result comes back in the same layout); the other kernels copy such
+inputs into rows first.
+
 Contract (every backend meets it):
 
 * ``softmax_vjp(probs, v)`` → ``J v`` with ``J = diag(σ) − σσᵀ`` (argmax entry accurate).
