@@ -216,6 +216,74 @@ def test_jacobian_dense_matches_reference(backend):
     assert torch.allclose(out32.double(), _core.jacobian_last(p32.double()), atol=1e-7)
 
 
+def jacobian_error_ratio(out: torch.Tensor, p: torch.Tensor) -> float:
+    """Worst ``|out − ref| / bound`` (≤ 1 passes), ``ref = _core.jacobian_last`` in float64 and
+    each entry's own scale as bound: ``64 · eps · |p_a p_b|`` off the diagonal and
+    ``c · eps · p_a (1 − p_a)`` on it (the argmax's ``1 − p_{i*}`` without cancellation), plus
+    the output rounding and a subnormal floor."""
+    p64 = p.double()
+    ref = _core.jacobian_last(p64)
+    eps = COMPUTE_EPS[p.dtype]
+    eps_out = torch.finfo(out.dtype).eps if out.dtype != torch.float64 else 0.0
+    scale = (p64.unsqueeze(-1) * p64.unsqueeze(-2)).abs()
+    scale.diagonal(dim1=-2, dim2=-1).copy_(ref.diagonal(dim1=-2, dim2=-1).abs())
+    compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+    floor = 2 * sum(torch.finfo(d).tiny * torch.finfo(d).eps for d in (out.dtype, compute))
+    bound = 64 * eps * scale + eps_out * ref.abs() + floor  # 64: blocked sums, as the VJP
+    return float(((out.double() - ref).abs() / bound).max()) if ref.numel() else 0.0
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", (1, 2, 7, 64, 300, 1100))
+def test_cpu_jacobian_dense_entrywise(dtype, k):
+    """The C writer: every entry within a few roundings of its own size (argmax diagonal
+    included), ties, a masked row (zeros) and a near-one-hot row (its argmax diagonal is
+    about 1e-26, computed without cancellation)."""
+    g = torch.Generator().manual_seed(k)
+    z = 4.0 * torch.randn(5, k, generator=g, dtype=torch.float64)
+    z[1, : max(1, k // 2)] = 0.0  # ties
+    z[3, :] = float("-inf")  # masked row
+    z[4, k // 3] = 60.0
+    p = _core.softmax_last(z).to(dtype)
+    out = dispatch.softmax_jacobian_dense(p, backend="cpu")
+    assert out.shape == (5, k, k) and out.dtype == dtype
+    assert torch.equal(out[3], torch.zeros(k, k, dtype=dtype))
+    assert jacobian_error_ratio(out, p) <= 1.0
+    assert torch.equal(out, out.transpose(-1, -2))  # −p_a p_b is symmetric bit for bit
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("k", (4096, 4097))
+def test_cpu_jacobian_dense_streamed_float32_rows(k):
+    """Output rows of ≥ 4096 float32 entries go out with non-temporal stores when 32-byte
+    aligned (every row for K = 4096, every eighth for K = 4097: the others take the plain
+    loop). The first 64 output rows of each block are checked against float64, including
+    the argmax's diagonal entry (placed in them)."""
+    g = torch.Generator().manual_seed(k)
+    z = 3.0 * torch.randn(2, k, generator=g, dtype=torch.float64)
+    z[1, 10] = 50.0
+    p = _core.softmax_last(z).float()
+    out = dispatch.softmax_jacobian_dense(p, backend="cpu")[:, :64]
+    p64 = p.double()
+    ref = -(p64[:, :64, None] * p64[:, None, :])
+    diag = (p64 * _core.one_minus(p64))[:, :64]
+    ref.diagonal(dim1=-2, dim2=-1).copy_(diag)
+    scale = (p64[:, :64, None] * p64[:, None, :]).abs()
+    scale.diagonal(dim1=-2, dim2=-1).copy_(diag.abs())
+    bound = 64 * COMPUTE_EPS[torch.float32] * scale + 2 * torch.finfo(torch.float32).tiny
+    assert bool(((out.double() - ref).abs() <= bound).all())
+
+
+@needs_cpu_kernel
+def test_cpu_jacobian_dense_strided_batch_input():
+    p, _ = make_inputs(12, 33, torch.float32)
+    view = p.view(3, 4, 33).transpose(0, 1)[:, ::2]  # rows through a non-unit batch stride
+    out = dispatch.softmax_jacobian_dense(view, backend="cpu")
+    assert out.shape == (4, 2, 33, 33)
+    assert jacobian_error_ratio(out, view) <= 1.0
+
+
 CE_CASES = [
     dict(weight=False, smoothing=0.0, ignore=-100),
     dict(weight=True, smoothing=0.0, ignore=-100),

@@ -26,6 +26,7 @@ __all__ = [
     "available",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
     "unavailable_reason",
@@ -35,7 +36,7 @@ __all__ = [
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-_ABI = 4
+_ABI = 5
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -73,6 +74,9 @@ def _load() -> ctypes.CDLL | None:
             fn = getattr(lib, f"softjac_vjp_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
             fn.restype = ctypes.c_int
+            fn = getattr(lib, f"softjac_jac_{suffix}")
+            fn.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
             fn = getattr(lib, f"softjac_vjp_inner_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
             fn.restype = ctypes.c_int
@@ -91,7 +95,11 @@ def _load() -> ctypes.CDLL | None:
         _fns.update(
             (name, getattr(lib, name))
             for suffix in _SUFFIX.values()
-            for name in (f"softjac_vjp_{suffix}", f"softjac_vjp_inner_{suffix}")
+            for name in (
+                f"softjac_vjp_{suffix}",
+                f"softjac_vjp_inner_{suffix}",
+                f"softjac_jac_{suffix}",
+            )
         )
         _lib = lib
         return _lib
@@ -185,6 +193,22 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _fns[f"softjac_vjp_{suffix}"](
             p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads
         )
+    return out
+
+
+def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
+    """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` by the C writer: O(K²) per row,
+    written once (non-temporal stores for long float32 rows), the argmax diagonal entry as
+    ``σ_{i*} Σ_{j≠i*} σ_j``; the dtype of ``probs``."""
+    _lib_or_raise()
+    k = probs.shape[-1]
+    p2, sp = _rows(probs)
+    out = torch.empty((*probs.shape, k), dtype=probs.dtype)
+    n = p2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_jac_{_SUFFIX[probs.dtype]}"]
+        if fn(p2.data_ptr(), out.data_ptr(), n, k, sp, torch.get_num_threads()):
+            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
     return out
 
 

@@ -13,8 +13,9 @@ Backends:
   has ``TRITON_INTERPRET=1`` (the Triton interpreter; slow, for tests). Needs ``triton``.
 * ``"cpu"``: CPU tensors. ``softmax_vjp``, ``softmax_vjp_from_logits`` (every dtype) and the
   cross-entropy pair (float32/bfloat16/float16 logits) run the C kernels of
-  ``softjac.kernels._cpu`` (compiled at first use; needs a C compiler); the dense Jacobian and
-  float64 cross-entropy have no C kernel and run the PyTorch implementation on the CPU.
+  ``softjac.kernels._cpu`` (compiled at first use; needs a C compiler), and so does
+  ``softmax_jacobian_dense`` (the C writer); float64 cross-entropy has no C kernel and runs
+  the PyTorch implementation on the CPU.
 * ``"auto"``: CUDA tensors of float16/bfloat16/float32 with triton installed → ``"triton"``;
   CPU tensors → the C kernel where there is one for the op and dtype and it compiled (float64
   included: the VJP kernel meets the same float64 accuracy tests as ``softjac._core``), else
@@ -79,6 +80,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Ops with a C kernel (for these dtypes); the others run the PyTorch code under backend="cpu".
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _C_OPS = {
+    "softmax_jacobian_dense": _ALL,
     "softmax_vjp": _ALL,
     "softmax_vjp_from_logits": _ALL,
     "cross_entropy_forward": _cpu.CE_DTYPES,
@@ -252,6 +254,8 @@ def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> tor
             lambda: _triton_module().softmax_jacobian_dense(probs),
             lambda: _torch.softmax_jacobian_dense(probs),
         )
+    if chosen == "cpu" and probs.numel():
+        return _cpu.softmax_jacobian_dense(probs)
     return _torch.softmax_jacobian_dense(probs)
 
 
