@@ -356,7 +356,10 @@ def test_auto_picks_the_c_kernel_on_plain_cpu_tensors():
     p, v = make_inputs(2, 5, torch.float32)
     expected = "cpu" if _cpu.available() else "torch"
     assert dispatch.resolve_backend("f", "auto", p, "softmax_vjp", v) == expected
-    assert dispatch.resolve_backend("f", "auto", p, "softmax_jacobian_dense") == "torch"
+    assert dispatch.resolve_backend("f", "auto", p, "softmax_jacobian_dense") == expected
+    # float64 cross-entropy has no C kernel: auto keeps it on torch
+    p64 = p.double()
+    assert dispatch.resolve_backend("f", "auto", p64, "cross_entropy_forward") == "torch"
     assert dispatch.resolve_backend("f", "auto", p.requires_grad_(), "softmax_vjp") == "torch"
     with torch.no_grad():
         assert dispatch.resolve_backend("f", "auto", p, "softmax_vjp") == expected
