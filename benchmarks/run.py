@@ -345,12 +345,32 @@ def bench_ce(b: Bench, shapes, dtype):
         zr = z[rows].double().requires_grad_(True)
         F.cross_entropy(zr, t[rows], reduction="sum").backward()
         check("ce_fwd_bwd", ours()[rows], zr.grad, dtype)
+        if b.device == "cuda":  # goal: peak extra memory at most one gradient-sized buffer
+            grad_bytes = z.numel() * z.element_size()
+            extra = {
+                "softjac": peak_extra_bytes(ours) / grad_bytes,
+                "eager": peak_extra_bytes(lambda z=z, t=t: eager_fwd_bwd(z, t)) / grad_bytes,
+            }
+            print(f"  (ce_fwd_bwd {n}x{k} peak extra memory, in gradient sizes: "
+                  f"softjac {extra['softjac']:.2f}, eager {extra['eager']:.2f})")  # fmt: skip
         b.run(
             "ce_fwd_bwd", (n, k), dtype, 3 * n * k * z.element_size(),
             ours,
             lambda z=z, t=t: eager_fwd_bwd(z, t),
             None if compiled is None else (lambda z=z, t=t: compiled(z, t)),
         )  # fmt: skip
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """CUDA memory allocated at the peak of ``fn()`` beyond what was allocated before it
+    (its result included, as a caller would hold it)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - base
 
 
 def environment(device: str) -> dict:

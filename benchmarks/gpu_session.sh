@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One prepared run for a GPU session (the `device` tool lends an H100 for minutes at a time):
+# correctness of the Triton kernels on the GPU first (tests/test_kernels_triton.py runs every
+# kernel test on CUDA when there is a device, the `gpu`-marked ones included), then the whole
+# kernel benchmark (which checks correctness again before timing).
+#
+#     bash benchmarks/gpu_session.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu-out
+#
+# Needs only a Python with torch (CUDA) and triton; softjac is used from src/ (no install, the
+# device machine has no network). Writes OUT_DIR/env.txt, OUT_DIR/pytest_gpu.txt,
+# OUT_DIR/gpu.json and OUT_DIR/gpu.txt (the printed table), and keeps going when a step fails
+# so that one run brings back everything it can. Record the table in docs/benchmarks.md with
+# the date, card and versions.
+set -u
+out="${1:-${OUT:-gpu-out}}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+    python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+if python3 -c 'import pytest, hypothesis' 2>/dev/null; then
+    timeout 240 python3 -m pytest -q tests/test_kernels_triton.py -p no:cacheprovider \
+        >"$out/pytest_gpu.txt" 2>&1
+    echo "pytest (Triton kernels on CUDA): exit $? ($(tail -n 1 "$out/pytest_gpu.txt"))"
+else
+    echo "pytest or hypothesis missing: GPU tests skipped" | tee "$out/pytest_gpu.txt"
+fi
+timeout 420 python3 benchmarks/run.py --device cuda --json "$out/gpu.json" 2>&1 | tee "$out/gpu.txt"
+echo "benchmark: exit ${PIPESTATUS[0]}"
