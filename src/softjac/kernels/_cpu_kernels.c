@@ -630,20 +630,20 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
     }                                                                                             \
     int softjac_vjp_##SUFFIX(const T *p, const T *v, T *out, int64_t n, int64_t k, int64_t sp,  \
                              int64_t sv, int64_t so, int nthreads) {                             \
-        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
-        const int64_t chunk = rows_per_task(n, k, nthreads);                                      \
-        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
         for (int64_t i = 0; i < n; ++i) VJP_ROW_FN(SUFFIX)(p + i * sp, v + i * sv, out + i * so, k); \
         return 0;                                                                                 \
     }                                                                                             \
     int softjac_vjp_logits_##SUFFIX(const T *z, const ACC *lse, const T *v, T *out, int64_t n,   \
                                     int64_t k, int64_t sz, int64_t sv, int64_t so,               \
                                     int nthreads) {                                               \
-        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
-        const int64_t chunk = rows_per_task(n, k, nthreads);                                      \
-        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
         for (int64_t i = 0; i < n; ++i)                                                           \
             vjp_logits_row_##SUFFIX(z + i * sz, lse[i], v + i * sv, out + i * so, k);             \
         return 0;                                                                                 \
@@ -736,22 +736,16 @@ static inline int64_t inner_tile(int64_t k, int64_t m, int64_t elem) {
         return 0;                                                                                 \
     }
 
-/* Rows are handed out dynamically in tasks of about 1M entries (4 MiB of float32: two huge
- * pages of output), at least 64K entries and at most an eighth of a thread's share, so that
- * a core slowed or preempted by other work does not hold up the rest (a static or guided
- * split hands a thread half the rows at once) while the threads write far apart.  That
- * matters for fresh outputs: each 2 MiB huge page of the output is zeroed by the OS on first
- * touch, and when two threads touch one page at once (as with small tasks over adjacent rows)
- * one waits for the other's fault.  Measured with fresh outputs of 64-128 MiB (2 threads):
- * tasks of 64K entries 1.4-1.85x native; a static split 1.7-1.9x; 1M-entry tasks and a
- * guided schedule 1.75-2.1x on a quiet machine, with the 1M-entry tasks the steadier of the
- * two when the machine is loaded. */
-static inline int64_t rows_per_task(int64_t n, int64_t k, int nthreads) {
-    const int64_t kk = k > 0 ? k : 1;
-    int64_t r = ((int64_t)1 << 20) / kk;
-    const int64_t share = n / (8 * (int64_t)(nthreads > 0 ? nthreads : 1));
-    if (r > share) r = share;
-    if (r < ((int64_t)1 << 16) / kk) r = ((int64_t)1 << 16) / kk;
+/* Rows are handed out with OpenMP's guided schedule: each thread first takes a large
+ * contiguous block (remaining / threads), then smaller ones down to about 64K elements, so a
+ * core slowed by other work does not hold up the rest (a static split waits for the slowest
+ * thread), while the threads write far apart.  That matters for fresh outputs: each 2 MiB
+ * huge page of the output is zeroed by the OS on first touch, and when two threads touch one
+ * page at once (as with small dynamic tasks over adjacent rows) one waits for the other's
+ * fault.  Measured with fresh outputs of 64-128 MiB (2 threads): dynamic tasks of 64K
+ * elements 1.4-1.85x native, guided 1.75-2.05x. */
+static inline int64_t rows_per_task(int64_t k) {
+    const int64_t r = ((int64_t)1 << 16) / (k > 0 ? k : 1);
     return r > 0 ? r : 1;
 }
 
@@ -843,8 +837,8 @@ DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
         const int64_t rows = n * k;                                                               \
         nthreads = clamp_threads(nthreads, rows, k);                                              \
         advise_huge(out, rows * k * (int64_t)sizeof(T));                                          \
-        const int64_t chunk = rows_per_task(rows, k, nthreads);                                   \
-        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)") \
         for (int64_t ra = 0; ra < rows; ++ra) {                                                   \
             const int64_t i = ra / k, a = ra % k;                                                 \
             const T *pr = p + i * sp;                                                             \
@@ -897,9 +891,9 @@ DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
     int softjac_ce_fwd_##SUFFIX(const T *z, const int64_t *tgt, const float *w, float w_sum,     \
                                 float *loss, float *lse_out, int64_t n, int64_t k, int64_t sz,   \
                                 int64_t ignore_index, float eps, int nthreads) {                 \
-        nthreads = clamp_threads(nthreads, n, k);                                                 \
-        const int64_t chunk = rows_per_task(n, k, nthreads);                                      \
-        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             const T *zr = z + i * sz;                                                             \
             CE_FWD_FAST_##SUFFIX                                                                  \
@@ -946,11 +940,11 @@ DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
                                 const float *lse, const float *grad, T *out, int64_t n,          \
                                 int64_t k, int64_t sz, int64_t so, int64_t ignore_index,         \
                                 float eps, int nthreads) {                                        \
-        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k && (const void *)out != (const void *)z)                                      \
             advise_huge(out, n * k * (int64_t)sizeof(T));                                         \
-        const int64_t chunk = rows_per_task(n, k, nthreads);                                      \
-        _Pragma("omp parallel for schedule(dynamic, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * so;                                                               \
