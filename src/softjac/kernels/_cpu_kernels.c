@@ -742,8 +742,11 @@ static inline int64_t inner_tile(int64_t k, int64_t m, int64_t elem) {
  * thread), while the threads write far apart.  That matters for fresh outputs: each 2 MiB
  * huge page of the output is zeroed by the OS on first touch, and when two threads touch one
  * page at once (as with small dynamic tasks over adjacent rows) one waits for the other's
- * fault.  Measured with fresh outputs of 64-128 MiB (2 threads): dynamic tasks of 64K
- * elements 1.4-1.85x native, guided 1.75-2.05x. */
+ * fault.  Measured with fresh outputs of 64-128 MiB (2 threads, interleaved rounds): dynamic
+ * tasks of 64K elements 1.4-1.85x native, guided 1.75-2.1x.  Dynamic tasks of 1M elements
+ * (two huge pages) had steadier worst rounds on the loaded VM (a preempted core holds no
+ * half of the rows: 1.55-1.76x against 0.8-0.96x) but lower medians (1.8-1.9x against
+ * 2.0-2.1x), so guided stays. */
 static inline int64_t rows_per_task(int64_t k) {
     const int64_t r = ((int64_t)1 << 16) / (k > 0 ? k : 1);
     return r > 0 ? r : 1;
