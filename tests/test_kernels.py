@@ -216,6 +216,80 @@ def test_jacobian_dense_matches_reference(backend):
     assert torch.allclose(out32.double(), _core.jacobian_last(p32.double()), atol=1e-7)
 
 
+def _softmax_ref(z: torch.Tensor) -> torch.Tensor:
+    """σ in float64 from the (exactly representable) low-precision logits."""
+    return _core.softmax_last(z.double())
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("k", (1, 2, 15, 16, 17, 100, 511, 512, 513, 1500))
+def test_cpu_softmax_forward_entrywise(dtype, k):
+    """The C forward: every σ_j within a few roundings of its own size, scaled by (1 + Δ)
+    with Δ = max z − z_j (the error of rounding z_j − max z, inherent to any method), plus
+    the output dtype's rounding and one subnormal spacing; masked rows are zeros."""
+    g = torch.Generator().manual_seed(k)
+    z = (6.0 * torch.randn(5, k, generator=g, dtype=torch.float64)).to(dtype)
+    z[1, : max(1, k // 2)] = 0.0  # ties
+    z[2, 0] = 30.0
+    z[3, :] = float("-inf")  # masked row
+    if k > 2:
+        z[4, ::3] = float("-inf")  # partly masked
+    out = dispatch.softmax(z, backend="cpu")
+    assert out.dtype == dtype and out.shape == z.shape
+    ref = _softmax_ref(z)
+    delta = (z.double().amax(-1, keepdim=True) - z.double()).nan_to_num(posinf=0.0)
+    eps32 = torch.finfo(torch.float32).eps
+    eps_out = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    bound = 8 * eps32 * (1 + delta) * ref + eps_out * ref + 2 * tiny
+    assert bool(((out.double() - ref).abs() <= bound).all())
+    assert torch.equal(out[3], torch.zeros(k, dtype=dtype))
+
+
+@needs_cpu_kernel
+def test_cpu_softmax_forward_subnormal_and_special_rows():
+    """σ down to the smallest float32 subnormal is kept (not flushed), to within one subnormal
+    spacing of the float64 value; NaN and +inf in a row give NaN throughout it, as
+    torch.softmax; −inf entries give exact zeros."""
+    z = torch.tensor(
+        [
+            [0.0, -90.0, -100.0, -103.0, -103.9, -104.5, -200.0] + [-1.0] * 9,
+            [0.0, float("nan")] + [1.0] * 14,
+            [float("inf"), 0.0] + [1.0] * 14,
+            [2.0, float("-inf")] + [-80.0 - j for j in range(14)],
+        ],
+        dtype=torch.float32,
+    )
+    out = dispatch.softmax(z, backend="cpu")
+    ref = _softmax_ref(z)
+    spacing = torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
+    for row in (0, 3):
+        rel = 8 * torch.finfo(torch.float32).eps * (1 + 110) * ref[row]
+        assert bool(((out[row].double() - ref[row]).abs() <= rel + spacing).all())
+    assert out[0, 1] > 0 and out[0, 2] > 0  # 1.9e-40 and 8.4e-45: subnormal, not flushed
+    assert out[3, 1] == 0.0
+    expect_nan = torch.softmax(z, -1).isnan()
+    assert torch.equal(out.isnan(), expect_nan) and bool(expect_nan[1:3].all())
+
+
+@needs_cpu_kernel
+def test_cpu_softmax_forward_strided_rows_and_autograd_path():
+    """Rows addressed through a row stride need no copy; ``softjac.softmax`` and its backward
+    run the C forward on CPU float32 and agree with torch."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 40, generator=g)
+    view = base[::2, 3:35]
+    out = dispatch.softmax(view, backend="cpu")
+    assert bool(((out.double() - _softmax_ref(view)).abs() <= 1e-6 * _softmax_ref(view)).all())
+    z = torch.randn(6, 50, generator=g, requires_grad=True)
+    w = torch.randn(6, 50, generator=g)
+    (gz,) = torch.autograd.grad((softjac.softmax(z) * w).sum(), z)
+    zr = z.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad((torch.softmax(zr, -1) * w.double()).sum(), zr)
+    assert torch.allclose(gz.double(), gr, atol=2e-7)
+
+
 def jacobian_error_ratio(out: torch.Tensor, p: torch.Tensor) -> float:
     """Worst ``|out − ref| / bound`` (≤ 1 passes), ``ref = _core.jacobian_last`` in float64 and
     each entry's own scale as bound: ``64 · eps · |p_a p_b|`` off the diagonal and

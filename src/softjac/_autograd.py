@@ -145,22 +145,9 @@ class SoftmaxLast(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
-        # PyTorch's fused softmax (one read for the max, one for the sum, one write), then the
-        # fully masked rows — where it gives NaN — set to 0. Same values as _core.softmax_last
-        # at fewer passes; NaN or +inf inputs still give NaN.
-        up = as_float_dtype(z.dtype)
-        # (no dtype argument when z already has it: that skips a conversion check)
-        p = torch.softmax(z, dim=-1) if up == z.dtype else torch.softmax(z, dim=-1, dtype=up)
-        # A fully masked row comes out all NaN, so on CPU a look at σ's first column (N
-        # values) skips the extra passes when no row can be dead: one strided sum (σ ≤ 1, so
-        # it is NaN exactly when one of the N values is), cheaper than isnan + any. Elsewhere
-        # (GPU: no sync; torch.compile: no data-dependent branch) the rows are always fixed.
-        if z.device.type == "cpu" and not _compiling():
-            if p.numel() == 0 or not (p.select(-1, 0) if p.dim() else p).sum().isnan().item():
-                return p if p.dtype == z.dtype else p.to(z.dtype)
-        dead = z.amax(dim=-1, keepdim=True) == float("-inf")
-        p = p.masked_fill_(dead, 0.0)
-        return p if p.dtype == z.dtype else p.to(z.dtype)
+        # the C kernel on CPU (float32/half), PyTorch's fused softmax with the fully masked
+        # rows set to 0 elsewhere (``dispatch.softmax``)
+        return dispatch.softmax(z, backend=backend)
 
     @classmethod
     def apply(cls, z: torch.Tensor, backend: str) -> torch.Tensor:  # type: ignore[override]

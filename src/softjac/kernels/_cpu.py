@@ -26,6 +26,7 @@ __all__ = [
     "available",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
@@ -36,7 +37,7 @@ __all__ = [
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernels.c")
-_ABI = 5
+_ABI = 6
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -86,6 +87,10 @@ def _load() -> ctypes.CDLL | None:
             if suffix == "f64":
                 continue
             f32, cint = ctypes.c_float, ctypes.c_int
+            fn = getattr(lib, f"softjac_softmax_{suffix}")
+            fn.argtypes = [ptr, ptr, i64, i64, i64, cint]
+            fn.restype = cint
+            _fns[f"softjac_softmax_{suffix}"] = fn
             fn = getattr(lib, f"softjac_ce_fwd_{suffix}")
             fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, f32, cint]
             fn.restype = ctypes.c_int
@@ -193,6 +198,24 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         _fns[f"softjac_vjp_{suffix}"](
             p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads
         )
+    return out
+
+
+def softmax(z: torch.Tensor) -> torch.Tensor:
+    """``σ = exp(z − max z) / Σ exp(z − max z)`` over the last dim by the C kernel, float32
+    math for float32/bfloat16/float16 ``z`` (``CE_DTYPES``), rounded once into ``z``'s dtype:
+    one read of ``z`` from memory, one write; exact to about an ulp down to the smallest
+    subnormal. Fully masked rows give zeros, rows with NaN or +inf give NaN (as
+    ``torch.softmax``)."""
+    _lib_or_raise()
+    k = z.shape[-1] if z.dim() else 1
+    z2, sz = _rows(z)
+    out = torch.empty(z.shape, dtype=z.dtype)
+    n = z2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_softmax_{_SUFFIX[z.dtype]}"]
+        if fn(z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()):
+            raise RuntimeError("the CPU softmax kernel is not built for this compiler")
     return out
 
 

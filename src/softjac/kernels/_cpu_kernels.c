@@ -996,5 +996,155 @@ DEFINE_CE(f32, float, LOAD_F32, STORE_F32)
 DEFINE_CE(bf16, bf16_t, LOAD_BF16, STORE_BF16)
 DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
 
+/* softjac_softmax_<dt>(z, out, n, k, sz, threads): sigma = exp(z - max z) / sum, float32 math
+ * for float32/bfloat16/float16 data (out contiguous (n, k)).  Per row: pass 1 the max (the
+ * only read from DRAM), pass 2 e_j = exp(z_j - m) and S = sum e_j (float32 data: e_j stored
+ * in out), pass 3 sigma_j = e_j (1 / S) (float32: from out, in cache; half types: exp again,
+ * so that sigma is rounded once; a multiply rather than a division: the division's throughput
+ * cost 15 % at K = 128, and the extra rounding leaves sigma within about 2 ulps).  exp is exp_full_f32 below, exact to about an ulp down to the
+ * smallest subnormal (unlike the flushing exp_f32 of the VJP-from-logits and cross-entropy
+ * kernels, whose tiny probabilities only enter sums).  A fully masked row (every z = -inf)
+ * gives zeros; a NaN or +inf in a row gives NaNs throughout it, as PyTorch's softmax. */
+
+/* exp(x) for x <= 0 (and -inf, NaN): Cody-Waite reduction and the degree-7 polynomial of
+ * exp_f32, scaled by 2^n in two steps below 2^-126 (2^(n+64), exact, then 2^-64, the one
+ * rounding into the subnormal range); 0 below -103.98 (under half the smallest subnormal). */
+static inline float exp_full_f32(float x) {
+    const float lo = -103.98f;
+    const float xc = x < lo ? lo : x;
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    float r = __builtin_fmaf(n, -0.693145751953125f, xc);
+    r = __builtin_fmaf(n, -1.428606765330187045e-06f, r);
+    float q = 1.0f / 5040.0f;
+    q = __builtin_fmaf(q, r, 1.0f / 720.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 120.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 24.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 6.0f);
+    q = __builtin_fmaf(q, r, 0.5f);
+    q = __builtin_fmaf(q, r, 1.0f);
+    q = __builtin_fmaf(q, r, 1.0f);
+    const int32_t ni = (int32_t)n;
+    const int small = ni < -126;
+    const int32_t bits = ((small ? ni + 64 : ni) + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    const float res = small ? (q * scale) * 5.421010862427522e-20f : q * scale;
+    return x != x ? x : (x < lo ? 0.0f : res);
+}
+
+#ifdef SOFTJAC_VEC
+static inline cvf vexp_full(cvf x) {
+    const cvf zero = {0};
+    const cvf lo = zero - 103.98f, magic = zero + 12582912.0f;
+    const cvi under = x < lo, nan = x != x;
+    const cvf xc = (cvf)(((cvi)lo & under) | ((cvi)x & ~under & ~nan));
+    const cvf n = (xc * 1.44269504088896341f + magic) - magic;
+    cvf r = n * -0.693145751953125f + xc;
+    r = n * -1.428606765330187045e-06f + r;
+    cvf q = zero + 1.0f / 5040.0f;
+    q = q * r + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    const cvi ni = __builtin_convertvector(n, cvi);
+    const cvi small = ni < -126;
+    const cvi bits = ((ni + (small & 64)) + 127) << 23;
+    cvf res = q * (cvf)bits;
+    const cvf tiny = res * 5.421010862427522e-20f;
+    res = (cvf)(((cvi)tiny & small) | ((cvi)res & ~small));
+    return (cvf)(((cvi)x & nan) | ((cvi)res & ~under & ~nan));
+}
+
+static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
+    const cvf zero = {0};
+    cvf mv = zero - __builtin_inff();
+    int64_t j = 0;
+    for (; j + CVL <= k; j += CVL) {
+        const cvf x = cvld(z + j);
+        const cvi g = x > mv;
+        mv = (cvf)(((cvi)x & g) | ((cvi)mv & ~g));
+    }
+    float m = chmax(mv);
+    for (; j < k; ++j) m = z[j] > m ? z[j] : m;
+    if (m == -__builtin_inff()) {
+        memset(out, 0, (size_t)k * sizeof(float));
+        return;
+    }
+    const cvf mm = zero + m;
+    double s_acc = 0;
+    j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf sv = zero;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf ex = vexp_full(cvld(z + j) - mm);
+            cvst(out + j, ex);
+            sv += ex;
+        }
+        float sb = chsum(sv);
+        for (; j < e; ++j) {
+            out[j] = exp_full_f32(z[j] - m);
+            sb += out[j];
+        }
+        s_acc += (double)sb;
+    }
+    const float rs = 1.0f / (float)s_acc;
+    const cvf rss = zero + rs;
+    j = 0;
+    for (; j + CVL <= k; j += CVL) cvst(out + j, cvld(out + j) * rss);
+    for (; j < k; ++j) out[j] = out[j] * rs;
+}
+#define SOFTMAX_FAST_f32                                                                          \
+    softmax_row_f32_vec(zr, orow, k);                                                             \
+    continue;
+#else
+#define SOFTMAX_FAST_f32
+#endif
+#define SOFTMAX_FAST_bf16
+#define SOFTMAX_FAST_f16
+
+#define DEFINE_SOFTMAX(SUFFIX, T, LOAD, STORE)                                                    \
+    int softjac_softmax_##SUFFIX(const T *z, T *out, int64_t n, int64_t k, int64_t sz,          \
+                                 int nthreads) {                                                  \
+        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        advise_huge(out, n * k * (int64_t)sizeof(T));                                             \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        for (int64_t i = 0; i < n; ++i) {                                                         \
+            const T *zr = z + i * sz;                                                             \
+            T *orow = out + i * k;                                                                \
+            SOFTMAX_FAST_##SUFFIX                                                                 \
+            float m = -__builtin_inff();                                                          \
+            _Pragma("omp simd reduction(max : m)")                                                \
+            for (int64_t j = 0; j < k; ++j) {                                                     \
+                const float x = LOAD(zr + j);                                                     \
+                m = x > m ? x : m;                                                                \
+            }                                                                                     \
+            if (m == -__builtin_inff()) {                                                         \
+                for (int64_t j = 0; j < k; ++j) STORE(orow + j, 0.0f);                            \
+                continue;                                                                         \
+            }                                                                                     \
+            double s_acc = 0;                                                                     \
+            for (int64_t b = 0; b < k; b += BLK) {                                                \
+                const int64_t e = b + BLK < k ? b + BLK : k;                                      \
+                float sb = 0;                                                                     \
+                _Pragma("omp simd reduction(+ : sb)")                                             \
+                for (int64_t j = b; j < e; ++j) sb += exp_full_f32(LOAD(zr + j) - m);             \
+                s_acc += (double)sb;                                                              \
+            }                                                                                     \
+            const float rs = 1.0f / (float)s_acc;                                                 \
+            _Pragma("omp simd")                                                                   \
+            for (int64_t j = 0; j < k; ++j) STORE(orow + j, exp_full_f32(LOAD(zr + j) - m) * rs); \
+        }                                                                                         \
+        return 0;                                                                                 \
+    }
+
+DEFINE_SOFTMAX(f32, float, LOAD_F32, STORE_F32)
+DEFINE_SOFTMAX(bf16, bf16_t, LOAD_BF16, STORE_BF16)
+DEFINE_SOFTMAX(f16, f16_t, LOAD_F16, STORE_F16)
+
 /* ABI version, checked by the loader. */
-int softjac_cpu_abi(void) { return 5; }
+int softjac_cpu_abi(void) { return 6; }

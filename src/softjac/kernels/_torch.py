@@ -16,6 +16,7 @@ __all__ = [
     "ce_terms",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
@@ -24,6 +25,24 @@ __all__ = [
 
 def _up(x: torch.Tensor) -> torch.Tensor:
     return x.to(as_float_dtype(x.dtype))
+
+
+def softmax(z: torch.Tensor) -> torch.Tensor:
+    """PyTorch's fused softmax (one read for the max, one for the sum, one write) in at least
+    float32, then the fully masked rows — where it gives NaN — set to 0; NaN or +inf inputs
+    still give NaN. On CPU a look at σ's first column (N values) skips the extra passes when
+    no row can be dead: one strided sum (σ ≤ 1, so it is NaN exactly when one of the N values
+    is). Elsewhere (GPU: no sync; torch.compile: no data-dependent branch) the rows are always
+    fixed."""
+    up = as_float_dtype(z.dtype)
+    # (no dtype argument when z already has it: that skips a conversion check)
+    p = torch.softmax(z, dim=-1) if up == z.dtype else torch.softmax(z, dim=-1, dtype=up)
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
+        if p.numel() == 0 or not (p.select(-1, 0) if p.dim() else p).sum().isnan().item():
+            return p if p.dtype == z.dtype else p.to(z.dtype)
+    dead = z.amax(dim=-1, keepdim=True) == float("-inf")
+    p = p.masked_fill_(dead, 0.0)
+    return p if p.dtype == z.dtype else p.to(z.dtype)
 
 
 def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,10 @@ inputs into rows first.
 
 Contract (every backend meets it):
 
+* ``softmax(z)`` → ``σ`` over the last dim in ``z``'s dtype (at least float32 inside); fully
+  masked rows give zeros, rows with NaN or +inf give NaN. C kernel on CPU for
+  float32/bfloat16/float16; PyTorch's softmax otherwise (no Triton kernel: on CUDA,
+  ``"triton"`` runs the PyTorch path).
 * ``softmax_vjp(probs, v)`` → ``J v`` with ``J = diag(σ) − σσᵀ`` (argmax entry accurate).
 * ``softmax_vjp_from_logits(logits, lse, v)`` → the same with ``σ = exp(logits − lse)``
   recomputed on the fly (``lse`` of shape ``(..., 1)``, float32 or wider).
@@ -70,6 +74,7 @@ __all__ = [
     "cross_entropy_backward",
     "cross_entropy_forward",
     "resolve_backend",
+    "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
@@ -80,6 +85,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Ops with a C kernel (for these dtypes); the others run the PyTorch code under backend="cpu".
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _C_OPS = {
+    "softmax": _cpu.CE_DTYPES,
     "softmax_jacobian_dense": _ALL,
     "softmax_vjp": _ALL,
     "softmax_vjp_from_logits": _ALL,
@@ -203,6 +209,15 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
             )
         return "cpu"
     return "torch"
+
+
+def softmax(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``σ = exp(z − lse(z))`` over the last dim (the forward of ``softjac.softmax``); O(K) per
+    row. Returns ``z``'s dtype."""
+    chosen = resolve_backend("softjac.softmax", backend, z, "softmax")
+    if chosen == "cpu" and z.numel() and _has_c_kernel("softmax", z):
+        return _cpu.softmax(z)
+    return _torch.softmax(z)
 
 
 def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
