@@ -154,11 +154,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     check_correctness()
     mrt = 0.3 if args.quick else 0.9
-    sm_shapes = [(4096, 128), (256, 8192), (32, 32768)]
-    ce_shapes = [(4096, 128), (256, 8192), (64, 32768)]
+    # in-cache shapes, then memory-sized ones (fresh 64 MiB outputs: page faults count)
+    sm_shapes = [(4096, 128), (256, 8192), (32, 32768), (16384, 1024), (64, 262144)]
+    ce_shapes = [(4096, 128), (256, 8192), (64, 32768), (128, 131072)]
     db_shapes = [(256, 1024), (32, 32768)]
     if args.quick:
-        sm_shapes, ce_shapes, db_shapes = sm_shapes[1:], ce_shapes[1:], db_shapes[:1]
+        sm_shapes, ce_shapes, db_shapes = sm_shapes[1:4], ce_shapes[1:3], db_shapes[:1]
     rows = (
         time_softmax(sm_shapes, mrt)
         + time_cross_entropy(ce_shapes, mrt)
