@@ -77,10 +77,9 @@ static inline void f16_store(f16_t *x, float f) {
  * its degree-7 Taylor polynomial (truncation error < 3e-9 relative, below float rounding),
  * 2^n put into the exponent bits.  Results below 2^-126 (x < -87.33, including x = -inf) are
  * flushed to 0: such a probability contributes less than 1.2e-38 to any entry. */
-static inline float exp_f32(float x) {
-    const float lo = -87.33f;
-    const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
-    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+/* exp(xc - n ln2) for the n = rint(xc log2 e) of the caller: the two-part (Cody-Waite)
+ * reduction and the polynomial, shared by exp_f32 and exp_full_f32. */
+static inline float exp_reduced_f32(float xc, float n) {
     float r = __builtin_fmaf(n, -0.693145751953125f, xc);
     r = __builtin_fmaf(n, -1.428606765330187045e-06f, r);
     float q = 1.0f / 5040.0f;
@@ -90,7 +89,14 @@ static inline float exp_f32(float x) {
     q = __builtin_fmaf(q, r, 1.0f / 6.0f);
     q = __builtin_fmaf(q, r, 0.5f);
     q = __builtin_fmaf(q, r, 1.0f);
-    q = __builtin_fmaf(q, r, 1.0f);
+    return __builtin_fmaf(q, r, 1.0f);
+}
+
+static inline float exp_f32(float x) {
+    const float lo = -87.33f;
+    const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    const float q = exp_reduced_f32(xc, n);
     const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
@@ -509,6 +515,20 @@ typedef vi cvi;
  * where the product is fused into the rounding add, which leaves |r| a hair above ln2/2 and the
  * result as accurate.  Same passes and formulas; only the order of the float additions inside
  * a BLK block differs. */
+/* exp_reduced_f32 lane by lane. */
+static inline cvf vexp_reduced(cvf xc, cvf n) {
+    cvf r = n * -0.693145751953125f + xc;
+    r = n * -1.428606765330187045e-06f + r;
+    cvf q = (cvf){0} + 1.0f / 5040.0f;
+    q = q * r + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    return q * r + 1.0f;
+}
+
 static inline cvf vexp(cvf x) {
     const cvf zero = {0};
     const cvf lo = zero - 87.33f, hi = zero + 88.0f, magic = zero + 12582912.0f;
@@ -517,16 +537,7 @@ static inline cvf vexp(cvf x) {
     const cvi over = xc > hi;
     xc = (cvf)(((cvi)hi & over) | ((cvi)xc & ~over));
     const cvf n = (xc * 1.44269504088896341f + magic) - magic;
-    cvf r = n * -0.693145751953125f + xc;
-    r = n * -1.428606765330187045e-06f + r;
-    cvf q = zero + 1.0f / 5040.0f;
-    q = q * r + 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
+    const cvf q = vexp_reduced(xc, n);
     const cvi bits = (__builtin_convertvector(n, cvi) + 127) << 23;
     return (cvf)((cvi)(q * (cvf)bits) & ~under);
 }
@@ -1013,16 +1024,7 @@ static inline float exp_full_f32(float x) {
     const float lo = -103.98f;
     const float xc = x < lo ? lo : x;
     const float n = __builtin_rintf(xc * 1.44269504088896341f);
-    float r = __builtin_fmaf(n, -0.693145751953125f, xc);
-    r = __builtin_fmaf(n, -1.428606765330187045e-06f, r);
-    float q = 1.0f / 5040.0f;
-    q = __builtin_fmaf(q, r, 1.0f / 720.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 120.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 24.0f);
-    q = __builtin_fmaf(q, r, 1.0f / 6.0f);
-    q = __builtin_fmaf(q, r, 0.5f);
-    q = __builtin_fmaf(q, r, 1.0f);
-    q = __builtin_fmaf(q, r, 1.0f);
+    const float q = exp_reduced_f32(xc, n);
     const int32_t ni = (int32_t)n;
     const int small = ni < -126;
     const int32_t bits = ((small ? ni + 64 : ni) + 127) << 23;
@@ -1039,16 +1041,7 @@ static inline cvf vexp_full(cvf x) {
     const cvi under = x < lo, nan = x != x;
     const cvf xc = (cvf)(((cvi)lo & under) | ((cvi)x & ~under & ~nan));
     const cvf n = (xc * 1.44269504088896341f + magic) - magic;
-    cvf r = n * -0.693145751953125f + xc;
-    r = n * -1.428606765330187045e-06f + r;
-    cvf q = zero + 1.0f / 5040.0f;
-    q = q * r + 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
+    const cvf q = vexp_reduced(xc, n);
     const cvi ni = __builtin_convertvector(n, cvi);
     const cvi small = ni < -126;
     const cvi bits = ((ni + (small & 64)) + 127) << 23;
