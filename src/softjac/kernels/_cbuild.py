@@ -2,7 +2,7 @@
 
 Shared by the CPU kernels (``_cpu_kernels.c``, loaded by ``softjac.kernels._cpu``) and the
 secular-equation loop (``_secular.c``, loaded by ``softjac._spectral``). The C files have no
-Python headers, so they build in about half a second with any C compiler (``$CC``, else
+Python headers, so they build in seconds with any C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) and need no build step at install time. The shared object is cached
 in ``$SOFTJAC_CACHE_DIR`` or ``$XDG_CACHE_HOME/softjac`` or ``~/.cache/softjac``, named
 ``<prefix>_<hash>.so`` by a hash of the source, the compiler, its flags and the machine

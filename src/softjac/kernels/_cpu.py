@@ -5,7 +5,7 @@ on CPU runs far below the copy bandwidth at large K; the fused loops in ``_cpu_k
 read σ and v once from DRAM (the second look at a row is served from cache) and write once,
 with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
 which the native kernel does not. The C file has no Python headers; ``softjac.kernels._cbuild``
-compiles it at first use (about half a second, any C compiler) into a per-user cache, named by
+compiles it at first use (3–5 s once, any C compiler) into a per-user cache, named by
 a hash of the source, the compiler, its flags and the machine, and renamed into place
 atomically, so concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls
 back to torch and ``backend="cpu"`` raises with the compiler's message.
