@@ -60,11 +60,15 @@ def machine_tag() -> bytes:
     return (platform.machine() + platform.processor() + sys.platform).encode()
 
 
-def build(source: Path, prefix: str, cc: str, flags: Sequence[str]) -> Path:
+def build(source: Path, prefix: str, cc: str, flags: Sequence[str], parts: int = 1) -> Path:
     """Compile ``source`` into the cache (once per source/compiler/flags/machine); returns the
-    path of the shared object. Raises ``OSError`` with the compiler's message on failure."""
-    parts = [source.read_bytes(), cc.encode(), " ".join(flags).encode(), machine_tag()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    path of the shared object. Raises ``OSError`` with the compiler's message on failure.
+
+    ``parts > 1``: the source is compiled as that many units at once (``-DSOFTJAC_PART=i``,
+    each instantiating its share of the kernels), then linked into one library."""
+    key_parts = [source.read_bytes(), cc.encode(), " ".join(flags).encode(), machine_tag()]
+    key_parts.append(str(parts).encode())
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:20]
     out_dir = cache_dir()
     target = out_dir / f"{prefix}_{key}.so"
     if target.exists():
@@ -72,16 +76,34 @@ def build(source: Path, prefix: str, cc: str, flags: Sequence[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
+    objects = [f"{tmp}.{i}.o" for i in range(1, parts + 1)] if parts > 1 else []
     try:
-        proc = subprocess.run(
-            [cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=60
-        )
+        if objects:
+            unit_flags = [f for f in flags if f != "-shared"]
+            procs = [
+                subprocess.Popen(
+                    [cc, *unit_flags, "-c", f"-DSOFTJAC_PART={i}", str(source), "-o", obj],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for i, obj in enumerate(objects, start=1)
+            ]
+            for proc in procs:
+                _, err = proc.communicate(timeout=120)
+                if proc.returncode != 0:
+                    raise OSError(f"`{cc}` failed (exit {proc.returncode}): {err.strip()[:500]}")
+            command = [cc, *flags, *objects, "-o", tmp]
+        else:
+            command = [cc, *flags, str(source), "-o", tmp]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(f"`{cc}` failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: a concurrent builder just overwrites the same bytes
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, *objects):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 
@@ -91,12 +113,13 @@ def load_library(
     *,
     compiler: Callable[[], str | None] = find_compiler,
     flags: Sequence[str] = FLAGS,
+    parts: int = 1,
 ) -> tuple[ctypes.CDLL | None, str]:
     """Build (or find in the cache) and load ``source``: ``(library, "")``, or ``(None, why)``
     when it is disabled, there is no compiler or every build failed. Never raises for those.
 
     The flags are tried as given, then without ``-fopenmp``, then also without
-    ``-march=native``."""
+    ``-march=native``; ``parts`` as in :func:`build`."""
     if os.environ.get(DISABLE_ENV):
         return None, f"it is disabled by the environment variable {DISABLE_ENV}"
     cc = compiler()
@@ -106,7 +129,7 @@ def load_library(
     errors = []
     for attempt in (list(flags), no_omp, [f for f in no_omp if f != "-march=native"]):
         try:
-            return ctypes.CDLL(str(build(source, prefix, cc, attempt))), ""
+            return ctypes.CDLL(str(build(source, prefix, cc, attempt, parts))), ""
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
     return None, f"compiling {source.name} failed: " + " | ".join(errors)

@@ -24,6 +24,15 @@
 #include <sys/mman.h>
 #endif
 
+/* The builder compiles this file as two units at once (-DSOFTJAC_PART=1 and 2, linked into
+ * one library) to halve the first-use build time on two cores; each unit instantiates its
+ * half of the exported kernels and the compiler drops the helpers it does not use.  Without
+ * SOFTJAC_PART, one unit has everything. */
+#ifndef SOFTJAC_PART
+#define SOFTJAC_PART 0
+#endif
+#define SJ_PART(p) (SOFTJAC_PART == 0 || SOFTJAC_PART == (p))
+
 /* Fresh outputs of tens of MB come straight from mmap, and on a VM the 4 KiB page faults
  * (with the kernel zeroing each page) cost more than the kernel itself.  Asking for
  * transparent huge pages on the 2 MiB-aligned interior of a large output, before the first
@@ -799,6 +808,7 @@ static inline int clamp_threads(int nthreads, int64_t n, int64_t k) {
 #define vjp_row_fast_bf16 vjp_row_bf16
 #define vjp_row_fast_f16 vjp_row_f16
 
+#if SJ_PART(1)
 DEFINE_VJP(f32, float, float, LOAD_F32, STORE_F32, exp_f32)
 DEFINE_VJP(f64, double, double, LOAD_F64, STORE_F64, exp_f64)
 DEFINE_VJP(bf16, bf16_t, float, LOAD_BF16, STORE_BF16, exp_f32)
@@ -807,6 +817,7 @@ DEFINE_VJP_INNER(f32, float, float, LOAD_F32, STORE_F32)
 DEFINE_VJP_INNER(f64, double, double, LOAD_F64, STORE_F64)
 DEFINE_VJP_INNER(bf16, bf16_t, float, LOAD_BF16, STORE_BF16)
 DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
+#endif
 
 /* softjac_jac_<dt>(p, out, n, k, sp, threads): dense J = diag(p) - p p^T for n rows of k,
  * out contiguous (n, k, k).  A pure write stream (n k^2 entries from n k inputs): per row, i*
@@ -889,10 +900,12 @@ DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
 #define JAC_ROW_bf16 JAC_ROW_GENERIC(LOAD_BF16, STORE_BF16)
 #define JAC_ROW_f16 JAC_ROW_GENERIC(LOAD_F16, STORE_F16)
 
+#if SJ_PART(2)
 DEFINE_JAC(f32, float, float, LOAD_F32, STORE_F32)
 DEFINE_JAC(f64, double, double, LOAD_F64, STORE_F64)
 DEFINE_JAC(bf16, bf16_t, float, LOAD_BF16, STORE_BF16)
 DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
+#endif
 
 /* Cross-entropy with class-index targets, float32 math (float/half/bfloat16 logits).
  *   forward, per row (read once from DRAM, the second pass from cache):
@@ -1003,9 +1016,11 @@ DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
 #define CE_FWD_FAST_f16
 #define CE_BWD_FAST_f16
 
+#if SJ_PART(2)
 DEFINE_CE(f32, float, LOAD_F32, STORE_F32)
 DEFINE_CE(bf16, bf16_t, LOAD_BF16, STORE_BF16)
 DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
+#endif
 
 /* softjac_softmax_<dt>(z, out, n, k, sz, threads): sigma = exp(z - max z) / sum, float32 math
  * for float32/bfloat16/float16 data (out contiguous (n, k)).  Per row: pass 1 the max (the
@@ -1135,9 +1150,13 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
         return 0;                                                                                 \
     }
 
+#if SJ_PART(2)
 DEFINE_SOFTMAX(f32, float, LOAD_F32, STORE_F32)
 DEFINE_SOFTMAX(bf16, bf16_t, LOAD_BF16, STORE_BF16)
 DEFINE_SOFTMAX(f16, f16_t, LOAD_F16, STORE_F16)
+#endif
 
 /* ABI version, checked by the loader. */
+#if SJ_PART(1)
 int softjac_cpu_abi(void) { return 6; }
+#endif
