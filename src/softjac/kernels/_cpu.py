@@ -48,7 +48,7 @@ _SUFFIX = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-_fns: dict[str, ctypes._CFuncPtr] = {}  # the VJP entry points by name, set up by _load
+_fns: dict[str, ctypes._CFuncPtr] = {}  # every entry point by name, typed by _load
 
 
 # Module-level names so that tests can replace them (e.g. a missing compiler).
@@ -71,42 +71,27 @@ def _load() -> ctypes.CDLL | None:
         if lib.softjac_cpu_abi() != _ABI:
             _error = "the cached C kernel has the wrong ABI version; clear " + str(_cache_dir())
             return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        # z, target, weight, w_sum, loss, lse, n, k, stride, ignore, eps, threads
+        ce_fwd = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, f32, cint]
+        # z, target, weight, w_sum, lse, grad, out, n, k, strides of z and out, ignore, eps, threads
+        ce_bwd = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
+        signatures = {}
         for suffix in _SUFFIX.values():
-            fn = getattr(lib, f"softjac_vjp_{suffix}")
-            fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fn = getattr(lib, f"softjac_jac_{suffix}")
-            fn.argtypes = [ptr, ptr, i64, i64, i64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fn = getattr(lib, f"softjac_vjp_inner_{suffix}")
-            fn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            fn = getattr(lib, f"softjac_vjp_logits_{suffix}")
-            fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            if suffix == "f64":
+            signatures[f"softjac_vjp_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, i64, i64, cint]
+            signatures[f"softjac_vjp_inner_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_vjp_logits_{suffix}"] = [ptr, ptr, ptr, ptr] + [i64] * 5 + [cint]
+            signatures[f"softjac_jac_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
+            if suffix == "f64":  # float32 math only: float64 stays on torch
                 continue
-            f32, cint = ctypes.c_float, ctypes.c_int
-            fn = getattr(lib, f"softjac_softmax_{suffix}")
-            fn.argtypes = [ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_ce_fwd_{suffix}"] = ce_fwd
+            signatures[f"softjac_ce_bwd_{suffix}"] = ce_bwd
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
             fn.restype = cint
-            _fns[f"softjac_softmax_{suffix}"] = fn
-            fn = getattr(lib, f"softjac_ce_fwd_{suffix}")
-            fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, f32, cint]
-            fn.restype = ctypes.c_int
-            fn = getattr(lib, f"softjac_ce_bwd_{suffix}")
-            fn.argtypes = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
-            fn.restype = ctypes.c_int
-        _fns.update(
-            (name, getattr(lib, name))
-            for suffix in _SUFFIX.values()
-            for name in (
-                f"softjac_vjp_{suffix}",
-                f"softjac_vjp_inner_{suffix}",
-                f"softjac_jac_{suffix}",
-            )
-        )
+            _fns[name] = fn
         _lib = lib
         return _lib
 
@@ -240,7 +225,7 @@ def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor)
     """``J v`` with ``σ = exp(z − lse)`` recomputed in the kernel (a vectorised exp, float32
     accurate; σ below 1.2e-38 counts as 0); ``lse`` holds one value per row (shape
     ``(..., 1)``). Same passes and accuracy as :func:`softmax_vjp`."""
-    lib = _lib_or_raise()
+    _lib_or_raise()
     shape = z.shape
     k = shape[-1] if z.dim() else 1
     z2, sz = _rows(z)
@@ -252,7 +237,7 @@ def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor)
     lse1 = lse.to(acc).reshape(-1).contiguous()
     lse1 = torch.where(torch.isfinite(lse1), lse1, torch.zeros((), dtype=acc))  # masked rows
     if n and k:
-        fn = getattr(lib, f"softjac_vjp_logits_{_SUFFIX[z.dtype]}")
+        fn = _fns[f"softjac_vjp_logits_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), lse1.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so,
            torch.get_num_threads())  # fmt: skip
     return out
@@ -275,7 +260,7 @@ def cross_entropy_forward(
     """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits of a dtype in ``CE_DTYPES``:
     per row a max pass (from memory) and an exp-sum pass (from cache); the formula is in
     ``softjac.kernels.dispatch``. Targets out of ``[0, K)`` count as ignored."""
-    lib = _lib_or_raise()
+    _lib_or_raise()
     n, k = logits.shape
     z2, sz = _rows(logits)
     tgt = target.to(torch.int64).contiguous()
@@ -283,7 +268,7 @@ def cross_entropy_forward(
     lse = torch.empty(n, dtype=torch.float32)
     w, wp, w_sum = _weight_args(weight)
     if n and k:
-        fn = getattr(lib, f"softjac_ce_fwd_{_SUFFIX[logits.dtype]}")
+        fn = _fns[f"softjac_ce_fwd_{_SUFFIX[logits.dtype]}"]
         fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
            loss.data_ptr(), lse.data_ptr(), n, k, sz, ignore_index, float(label_smoothing),
            torch.get_num_threads())  # fmt: skip
@@ -303,7 +288,7 @@ def cross_entropy_backward(
 ) -> torch.Tensor:
     """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits, one read and one write per element
     (into ``logits`` itself when ``inplace``, which needs unit stride along K)."""
-    lib = _lib_or_raise()
+    _lib_or_raise()
     n, k = logits.shape
     if inplace:
         if k > 1 and logits.stride(1) != 1:
@@ -322,7 +307,7 @@ def cross_entropy_backward(
     g = grad_rows.to(torch.float32).expand(n).contiguous()
     w, wp, w_sum = _weight_args(weight)
     if n and k:
-        fn = getattr(lib, f"softjac_ce_bwd_{_SUFFIX[logits.dtype]}")
+        fn = _fns[f"softjac_ce_bwd_{_SUFFIX[logits.dtype]}"]
         fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
            lse1.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, sz, so, ignore_index,
            float(label_smoothing), torch.get_num_threads())  # fmt: skip
