@@ -402,7 +402,7 @@ static inline __attribute__((always_inline)) void vjp_row_f32_short(const float 
     for (int l = 0; l < VL; ++l) lane[l] = l;
     /* vectors q < nfull are whole; the others are loaded and stored under the mask of their
      * lanes below k (possibly none) */
-    const int nfull = (int)(k / VL);
+    const int nfull = (int)(k / VL), nv = (int)((k + VL - 1) / VL); /* nv <= NV */
     vi valid[8];
     vf pv[8], vv[8];
     for (int q = 0; q < NV; ++q) {
@@ -410,9 +410,12 @@ static inline __attribute__((always_inline)) void vjp_row_f32_short(const float 
         if (q < nfull) {
             pv[q] = vld(p + q * VL);
             vv[q] = vld(v + q * VL);
-        } else {
+        } else if (q < nv) {
             pv[q] = (vf)_mm256_maskload_ps(p + q * VL, (__m256i)valid[q]);
             vv[q] = (vf)_mm256_maskload_ps(v + q * VL, (__m256i)valid[q]);
+        } else { /* wholly past k: zeros, and pass 2 stops before them */
+            pv[q] = zero;
+            vv[q] = zero;
         }
     }
     vf acc = pv[0] * vv[0], mx = pv[0];
@@ -434,7 +437,7 @@ static inline __attribute__((always_inline)) void vjp_row_f32_short(const float 
     const float vs = istar >= 0 ? v[istar] : 0.0f;
     const vf ss = zero + s, vss = zero + vs;
     vf tv = zero;
-    for (int q = 0; q < NV; ++q) {
+    for (int q = 0; q < NV && q < nv; ++q) {
         const vf o = pv[q] * (vv[q] - ss);
         vf d = pv[q] * (vss - vv[q]);
         if (q < nfull) {
