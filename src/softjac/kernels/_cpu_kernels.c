@@ -1067,10 +1067,11 @@ DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
 
 /* exp(x) for x <= 0 (and -inf, NaN): Cody-Waite reduction and the degree-7 polynomial of
  * exp_f32, scaled by 2^n in two steps below 2^-126 (2^(n+64), exact, then 2^-64, the one
- * rounding into the subnormal range); 0 below -103.98 (under half the smallest subnormal). */
+ * rounding into the subnormal range); 0 below -103.98 (under half the smallest subnormal).
+ * Only entries whose exp is subnormal pay the processor's subnormal assist. */
 static inline float exp_full_f32(float x) {
     const float lo = -103.98f;
-    const float xc = x < lo ? lo : x;
+    const float xc = x < lo || x != x ? 0.0f : x; /* lanes returned as 0 or NaN compute exp(0) */
     const float n = __builtin_rintf(xc * 1.44269504088896341f);
     const float q = exp_reduced_f32(xc, n);
     const int32_t ni = (int32_t)n;
@@ -1078,7 +1079,7 @@ static inline float exp_full_f32(float x) {
     const int32_t bits = ((small ? ni + 64 : ni) + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
-    const float res = small ? (q * scale) * 5.421010862427522e-20f : q * scale;
+    const float res = (q * scale) * (small ? 5.421010862427522e-20f : 1.0f);
     return x != x ? x : (x < lo ? 0.0f : res);
 }
 
@@ -1087,15 +1088,18 @@ static inline cvf vexp_full(cvf x) {
     const cvf zero = {0};
     const cvf lo = zero - 103.98f, magic = zero + 12582912.0f;
     const cvi under = x < lo, nan = x != x;
-    const cvf xc = (cvf)(((cvi)lo & under) | ((cvi)x & ~under & ~nan));
+    const cvf xc = (cvf)((cvi)x & ~under & ~nan); /* lanes returned as 0 or NaN compute exp(0) */
     const cvf n = (xc * 1.44269504088896341f + magic) - magic;
     const cvf q = vexp_reduced(xc, n);
     const cvi ni = __builtin_convertvector(n, cvi);
     const cvi small = ni < -126;
     const cvi bits = ((ni + (small & 64)) + 127) << 23;
-    cvf res = q * (cvf)bits;
-    const cvf tiny = res * 5.421010862427522e-20f;
-    res = (cvf)(((cvi)tiny & small) | ((cvi)res & ~small));
+    /* the second factor is 2^-64 only where the result is subnormal: a product with a
+     * subnormal result costs a microcode assist (about 150 cycles on Intel), so no other lane
+     * may make one, not even one whose result is discarded */
+    const cvf factor = (cvf)(((cvi)(zero + 5.421010862427522e-20f) & small) |
+                             ((cvi)(zero + 1.0f) & ~small));
+    const cvf res = (q * (cvf)bits) * factor;
     return (cvf)(((cvi)x & nan) | ((cvi)res & ~under & ~nan));
 }
 
@@ -1112,6 +1116,9 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
         return;
     }
     const cvf mm = zero + m;
+    const int64_t kv = k - k % CVL; /* whole vectors end here; the masked rest follows */
+    cvf ex_rest = zero;            /* kept in a register: a load right after a masked store of
+                                    * the same bytes cannot be forwarded and stalls */
     double s_acc = 0;
     j = 0;
     for (int64_t b = 0; b < k; b += BLK) {
@@ -1122,19 +1129,17 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
             cvst(out + j, ex);
             sv += ex;
         }
-        if (j < e) { /* the masked rest: -inf lanes give exp = 0 */
-            const cvf ex = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
-            cvst_part(out + j, ex, e - j);
-            sv += ex;
+        if (j < e) { /* -inf lanes give exp = 0 */
+            ex_rest = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            sv += ex_rest;
             j = e;
         }
         s_acc += (double)chsum(sv);
     }
     const float rs = 1.0f / (float)s_acc;
     const cvf rss = zero + rs;
-    j = 0;
-    for (; j + CVL <= k; j += CVL) cvst(out + j, cvld(out + j) * rss);
-    if (j < k) cvst_part(out + j, cvld_part(out + j, k - j, 0.0f) * rss, k - j);
+    for (j = 0; j < kv; j += CVL) cvst(out + j, cvld(out + j) * rss);
+    if (kv < k) cvst_part(out + kv, ex_rest * rss, k - kv);
 }
 #define SOFTMAX_FAST_f32                                                                          \
     softmax_row_f32_vec(zr, orow, k);                                                             \
