@@ -226,22 +226,45 @@ static inline vf4 hi4(vf x) {
 #endif
 }
 
+/* Horizontal reductions as shuffle trees (per row, they matter for short rows):
+ * sum = (x0 + x4 + x2 + x6) + (x1 + x5 + x3 + x7) in that association. */
 static inline float hsum(vf x) {
     const vf4 h = lo4(x) + hi4(x);
+#ifdef SJ_SHUFFLE
+    const vf4 g = h + __builtin_shufflevector(h, h, 2, 3, 0, 1);
+    return g[0] + g[1]; /* (h0 + h2) + (h1 + h3) */
+#else
     return (h[0] + h[2]) + (h[1] + h[3]);
+#endif
 }
 
 static inline float max2(float a, float b) { return a > b ? a : b; }
 
+static inline vf4 max4(vf4 a, vf4 b) { return (vf4)(((vi4)a & (a > b)) | ((vi4)b & ~(a > b))); }
+
 static inline float hmax(vf x) {
-    const vf4 a = lo4(x), b = hi4(x);
-    return max2(max2(max2(a[0], b[0]), max2(a[2], b[2])), max2(max2(a[1], b[1]), max2(a[3], b[3])));
+    const vf4 h = max4(lo4(x), hi4(x));
+#ifdef SJ_SHUFFLE
+    const vf4 g = max4(h, __builtin_shufflevector(h, h, 2, 3, 0, 1));
+    return max2(g[0], g[1]);
+#else
+    return max2(max2(h[0], h[2]), max2(h[1], h[3]));
+#endif
 }
 
 static inline int32_t hmin_i(vi x) {
+#ifdef SJ_SHUFFLE
+    const vi4 a = __builtin_shufflevector(x, x, 0, 1, 2, 3);
+    const vi4 b = __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    const vi4 lt = a < b, h = (a & lt) | (b & ~lt);
+    const vi4 g = __builtin_shufflevector(h, h, 2, 3, 0, 1), lt2 = h < g;
+    const vi4 f2 = (h & lt2) | (g & ~lt2);
+    return f2[0] < f2[1] ? f2[0] : f2[1];
+#else
     int32_t r = x[0];
     for (int l = 1; l < VL; ++l) r = x[l] < r ? x[l] : r;
     return r;
+#endif
 }
 
 /* Rows of at least STREAM_MIN_K floats (512 KiB: more than half of L2, so the output line
@@ -372,28 +395,6 @@ static inline __attribute__((always_inline)) void vjp_row_f32_body(const float *
  * (PyTorch's native backward: about 10, 16 and 30). */
 #if defined(__AVX2__)
 #define SJ_SHORT 1
-static inline float hsum_fast(vf x) {
-    const vf4 h = lo4(x) + hi4(x);
-#ifdef SJ_SHUFFLE
-    const vf4 g = h + __builtin_shufflevector(h, h, 2, 3, 0, 1);
-    return g[0] + g[1]; /* (h0 + h2) + (h1 + h3), as hsum */
-#else
-    return (h[0] + h[2]) + (h[1] + h[3]);
-#endif
-}
-
-static inline vf4 max4(vf4 a, vf4 b) { return (vf4)(((vi4)a & (a > b)) | ((vi4)b & ~(a > b))); }
-
-static inline float hmax_fast(vf x) {
-    const vf4 h = max4(lo4(x), hi4(x));
-#ifdef SJ_SHUFFLE
-    const vf4 g = max4(h, __builtin_shufflevector(h, h, 2, 3, 0, 1));
-    return max2(g[0], g[1]);
-#else
-    return max2(max2(h[0], h[2]), max2(h[1], h[3]));
-#endif
-}
-
 static inline __attribute__((always_inline)) void vjp_row_f32_short(const float *p, const float *v,
                                                                    float *out, int64_t k,
                                                                    const int NV) {
@@ -424,8 +425,8 @@ static inline __attribute__((always_inline)) void vjp_row_f32_short(const float 
         const vi g = pv[q] > mx;
         mx = (vf)(((vi)pv[q] & g) | ((vi)mx & ~g));
     }
-    const float s = hsum_fast(acc);
-    const float m = hmax_fast(mx);
+    const float s = hsum(acc);
+    const float m = hmax(mx);
     int64_t istar = -1;
     if (m > 0) { /* bit q VL + l of `bits`: lane l of vector q equals m (no branch per vector) */
         const vf mm = zero + m;
@@ -448,7 +449,7 @@ static inline __attribute__((always_inline)) void vjp_row_f32_short(const float 
         }
         tv += d;
     }
-    if (istar >= 0) out[istar] = m * hsum_fast(tv);
+    if (istar >= 0) out[istar] = m * hsum(tv);
 }
 #endif
 
