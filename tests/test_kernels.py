@@ -734,6 +734,19 @@ def test_cross_entropy_end_to_end_matches_torch(reduction, ignored):
     assert torch.allclose(gz, gr, rtol=1e-5, atol=1e-7)
 
 
+@needs_cpu_kernel
+def test_inplace_cross_entropy_backward_needs_unit_class_stride():
+    """The kernels write the gradient over the logits row by row: a class dim with another
+    stride is refused by dispatch (one check for every kernel backend), naming the strides."""
+    z = torch.randn(6, 5).t()  # (5, 6) with class stride 5
+    target = torch.zeros(5, dtype=torch.int64)
+    lse = torch.logsumexp(z, -1)
+    with pytest.raises(ValueError, match=r"inplace=True.*unit stride.*\(1, 5\)"):
+        dispatch.cross_entropy_backward(
+            z, target, lse, torch.ones(5), None, -100, 0.0, inplace=True, backend="cpu"
+        )
+
+
 def test_cross_entropy_mean_out_of_range_target_still_raises():
     z = torch.randn(3, 4)
     with pytest.raises(IndexError):

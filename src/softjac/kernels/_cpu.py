@@ -290,12 +290,7 @@ def cross_entropy_backward(
     (into ``logits`` itself when ``inplace``, which needs unit stride along K)."""
     _lib_or_raise()
     n, k = logits.shape
-    if inplace:
-        if k > 1 and logits.stride(1) != 1:
-            raise ValueError(
-                "`softjac.cross_entropy`: `inplace=True` needs logits with unit stride along "
-                f"the class dim. Got strides {tuple(logits.stride())}."
-            )
+    if inplace:  # unit stride along K: checked by dispatch
         z2, sz = logits, (logits.stride(0) if n > 1 else k)
         out, so = logits, sz
     else:

@@ -376,12 +376,7 @@ def cross_entropy_backward(
     """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits in one read and one write per element
     (into ``logits`` itself when ``inplace``; then ``logits`` must have unit column stride)."""
     n, k = logits.shape
-    if inplace:
-        if k > 1 and logits.stride(1) != 1:
-            raise ValueError(
-                "`softjac.cross_entropy`: `inplace=True` needs logits with unit stride along "
-                f"the class dim. Got strides {tuple(logits.stride())}."
-            )
+    if inplace:  # unit stride along K: checked by dispatch
         out, z = logits, logits
     else:
         z = _as_rows(logits)

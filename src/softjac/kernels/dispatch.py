@@ -297,8 +297,8 @@ def cross_entropy_forward(
             lambda: _torch.cross_entropy_forward(*args),
         )
     if chosen == "cpu" and _has_c_kernel("cross_entropy_forward", logits):
-        return _cpu.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
-    return _torch.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
+        return _cpu.cross_entropy_forward(*args)
+    return _torch.cross_entropy_forward(*args)
 
 
 def cross_entropy_backward(
@@ -323,6 +323,16 @@ def cross_entropy_backward(
         "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
     )
     args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
+    kernel = chosen == "triton" or (
+        chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits)
+    )
+    if inplace and kernel and logits.shape[1] > 1 and logits.stride(1) != 1:
+        # checked here, once for both kernels (and before a Triton launch, whose failures
+        # "auto" would otherwise take for a broken toolchain)
+        raise ValueError(
+            "`softjac.cross_entropy`: `inplace=True` needs logits with unit stride along the "
+            f"class dim. Got strides {tuple(logits.stride())}."
+        )
     if chosen == "triton":
         return _triton_or_fallback(
             backend,
@@ -330,10 +340,6 @@ def cross_entropy_backward(
             lambda: _triton_module().cross_entropy_backward(*args, inplace=inplace),
             lambda: _torch.cross_entropy_backward(*args, inplace=inplace),
         )
-    if chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits):
-        return _cpu.cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
-        )
-    return _torch.cross_entropy_backward(
-        logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
-    )
+    if kernel:
+        return _cpu.cross_entropy_backward(*args, inplace=inplace)
+    return _torch.cross_entropy_backward(*args, inplace=inplace)
