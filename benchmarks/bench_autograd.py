@@ -70,35 +70,38 @@ def _pair(ours: tuple[str, dict], ref: tuple[str, dict], min_run_time: float) ->
     return min(to), min(tr)
 
 
+def _paired_row(op: str, shape: tuple, ours: tuple[str, dict], ref: tuple[str, dict], mrt):
+    """One result row: :func:`_pair` of the two statements, in milliseconds."""
+    t_ours, t_ref = _pair(ours, ref, mrt)
+    return dict(op=op, shape=shape, softjac_ms=t_ours * 1e3, torch_ms=t_ref * 1e3,
+                ratio=t_ours / t_ref)  # fmt: skip
+
+
 def time_softmax(shapes, min_run_time):
     rows = []
     for n, k in shapes:
-        z = torch.randn(n, k).requires_grad_()
-        g = torch.randn(n, k)
-        env = dict(z=z, g=g, torch=torch, sj=softmax_last_autograd)
-        ours, ref = _pair(
+        env = dict(z=torch.randn(n, k).requires_grad_(), g=torch.randn(n, k), torch=torch,
+                   sj=softmax_last_autograd)  # fmt: skip
+        rows.append(_paired_row(
+            "softmax fwd+bwd", (n, k),
             ("z.grad = None; sj(z).backward(g)", env),
             ("z.grad = None; torch.softmax(z, -1).backward(g)", env),
             min_run_time,
-        )
-        rows.append(dict(op="softmax fwd+bwd", shape=(n, k), softjac_ms=ours * 1e3,
-                         torch_ms=ref * 1e3, ratio=ours / ref))  # fmt: skip
+        ))  # fmt: skip
     return rows
 
 
 def time_cross_entropy(shapes, min_run_time):
     rows = []
     for n, k in shapes:
-        z = torch.randn(n, k).requires_grad_()
-        t = torch.randint(0, k, (n,))
-        env = dict(z=z, t=t, F=F, sj=softjac)
-        ours, ref = _pair(
+        env = dict(z=torch.randn(n, k).requires_grad_(), t=torch.randint(0, k, (n,)), F=F,
+                   sj=softjac)  # fmt: skip
+        rows.append(_paired_row(
+            "cross_entropy fwd+bwd", (n, k),
             ("z.grad = None; sj.cross_entropy(z, t).backward()", env),
             ("z.grad = None; F.cross_entropy(z, t).backward()", env),
             min_run_time,
-        )
-        rows.append(dict(op="cross_entropy fwd+bwd", shape=(n, k), softjac_ms=ours * 1e3,
-                         torch_ms=ref * 1e3, ratio=ours / ref))  # fmt: skip
+        ))  # fmt: skip
     return rows
 
 
@@ -122,13 +125,12 @@ def time_double_backward(shapes, min_run_time):
             ),
         ]:
             wi = w if name.startswith("softmax") else w[:, 0]
-            ours, ref = _pair(
+            rows.append(_paired_row(
+                name, (n, k),
                 (stmt, dict(z=z, w=wi, v=v, f=fo, torch=torch)),
                 (stmt, dict(z=z, w=wi, v=v, f=fr, torch=torch)),
                 min_run_time,
-            )
-            rows.append(dict(op=name, shape=(n, k), softjac_ms=ours * 1e3, torch_ms=ref * 1e3,
-                             ratio=ours / ref))  # fmt: skip
+            ))  # fmt: skip
     return rows
 
 
