@@ -687,7 +687,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
         nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t i = 0; i < n; ++i) VJP_ROW_FN(SUFFIX)(p + i * sp, v + i * sv, out + i * so, k); \
         return 0;                                                                                 \
     }                                                                                             \
@@ -697,7 +697,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
         nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t i = 0; i < n; ++i)                                                           \
             vjp_logits_row_##SUFFIX(z + i * sz, lse[i], v + i * sv, out + i * so, k);             \
         return 0;                                                                                 \
@@ -801,6 +801,11 @@ static inline int64_t inner_tile(int64_t k, int64_t m, int64_t elem) {
  * (two huge pages) had steadier worst rounds on the loaded VM (a preempted core holds no
  * half of the rows: 1.55-1.76x against 0.8-0.96x) but lower medians (1.8-1.9x against
  * 2.0-2.1x), so guided stays. */
+/* The parallel row loop of every row kernel (the schedule discussed above), over tasks of at
+ * least `chunk` rows with `nthreads` threads; one thread runs without a team. */
+#define SJ_PARALLEL_ROWS                                                                          \
+    _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")
+
 static inline int64_t rows_per_task(int64_t k) {
     const int64_t r = ((int64_t)1 << 16) / (k > 0 ? k : 1);
     return r > 0 ? r : 1;
@@ -897,7 +902,7 @@ DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
         nthreads = clamp_threads(nthreads, rows, k);                                              \
         advise_huge(out, rows * k * (int64_t)sizeof(T));                                          \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t ra = 0; ra < rows; ++ra) {                                                   \
             const int64_t i = ra / k, a = ra % k;                                                 \
             const T *pr = p + i * sp;                                                             \
@@ -954,7 +959,7 @@ DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
                                 int64_t ignore_index, float eps, int nthreads) {                 \
         nthreads = clamp_threads(nthreads, n, k);                                                    \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             const T *zr = z + i * sz;                                                             \
             CE_FWD_FAST_##SUFFIX                                                                  \
@@ -1005,7 +1010,7 @@ DEFINE_JAC(f16, f16_t, float, LOAD_F16, STORE_F16)
         if (so == k && (const void *)out != (const void *)z)                                      \
             advise_huge(out, n * k * (int64_t)sizeof(T));                                         \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)")               \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * so;                                                               \
@@ -1157,7 +1162,7 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         advise_huge(out, n * k * (int64_t)sizeof(T));                                             \
         const int64_t chunk = rows_per_task(k);                                                   \
-        _Pragma("omp parallel for schedule(guided, chunk) num_threads(nthreads) if (nthreads > 1)") \
+        SJ_PARALLEL_ROWS                                                                          \
         for (int64_t i = 0; i < n; ++i) {                                                         \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * k;                                                                \
