@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "argmax_index",
+    "centred_last",
     "exp_parts",
     "from_last",
     "jacobian_logits_last",
@@ -42,6 +43,7 @@ __all__ = [
     "masked_scaled_logits",
     "max_complement",
     "one_minus",
+    "softmax_and_log_last",
     "softmax_last",
     "to_last",
     "vjp_last",
@@ -74,10 +76,8 @@ def _safe_max(z: torch.Tensor) -> torch.Tensor:
 def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
     """``log σ(z)`` over the last dim; masked (−inf) entries give −inf, and so does a fully
     masked row (log 0), without NaN."""
-    m = _safe_max(z)
-    shifted = z - m
-    s = shifted.exp().sum(dim=-1, keepdim=True)
-    return shifted - torch.where(s > 0, s, torch.ones_like(s)).log()
+    shifted, _, s = _shifted_exp_sum(z)
+    return shifted - s.log()
 
 
 def logsumexp_last(z: torch.Tensor) -> torch.Tensor:
@@ -99,13 +99,27 @@ def from_last(x: torch.Tensor, d: int) -> torch.Tensor:
     return x if d == x.ndim - 1 else x.movedim(-1, d)
 
 
+def _shifted_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z − m, exp(z − m), S)`` with ``m`` the safe row max and ``S`` the row sum of the
+    exponentials (1 for a fully masked row, so that σ = 0 and log σ = −inf there)."""
+    shifted = z - _safe_max(z)
+    e = shifted.exp()
+    s = e.sum(dim=-1, keepdim=True)
+    return shifted, e, torch.where(s > 0, s, torch.ones_like(s))
+
+
 def softmax_last(z: torch.Tensor) -> torch.Tensor:
     """``σ(z) = exp(z − max z) / Σ exp(z − max z)`` over the last dim; zeros for a fully
     masked row. O(K) per row."""
-    m = _safe_max(z)
-    e = (z - m).exp()
-    s = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(s > 0, s, torch.ones_like(s))
+    _, e, s = _shifted_exp_sum(z)
+    return e / s
+
+
+def softmax_and_log_last(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ(z), log σ(z))`` from one pass (the values of :func:`softmax_last` and
+    :func:`log_softmax_last`)."""
+    shifted, e, s = _shifted_exp_sum(z)
+    return e / s, shifted - s.log()
 
 
 def argmax_index(p: torch.Tensor) -> torch.Tensor:
@@ -118,9 +132,11 @@ def max_complement(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return p.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
 
 
-def one_minus(p: torch.Tensor) -> torch.Tensor:
-    """``1 − p_i`` per entry, the argmax's taken as ``Σ_{j≠i*} p_j`` (no cancellation)."""
-    idx = argmax_index(p)
+def one_minus(p: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 − p_i`` per entry, the argmax's taken as ``Σ_{j≠i*} p_j`` (no cancellation);
+    ``idx``: :func:`argmax_index` of ``p`` when the caller has it already."""
+    if idx is None:
+        idx = argmax_index(p)
     return (1 - p).scatter(-1, idx, max_complement(p, idx))
 
 
@@ -130,12 +146,17 @@ def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     The argmax entry is ``p_{i*} Σ_{j≠i*} p_j (v_{i*} − v_j)`` (no cancellation). J is
     symmetric, so this is both the VJP and the JVP.
     """
+    return p * centred_last(p, v)
+
+
+def centred_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``v − ⟨p, v⟩`` with the argmax entry taken as ``Σ_{j≠i*} p_j (v_{i*} − v_j)`` (equal when
+    Σp = 1, without cancellation): the factor that :func:`vjp_last` multiplies by ``p`` and the
+    square-root factor's transpose by ``√p``."""
     s = (p * v).sum(dim=-1, keepdim=True)
-    out = p * (v - s)
     idx = argmax_index(p)
-    v_star = v.gather(-1, idx)
-    t = (p * (v_star - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return out.scatter(-1, idx, p.gather(-1, idx) * t)
+    t = (p * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
+    return (v - s).scatter(-1, idx, t)
 
 
 def jacobian_last(p: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from softjac._checks import (
     check_tensor,
     fmt_shape,
 )
+from softjac._functional import _prepare
 from softjac._spectral import secular_eigh, secular_eigvalsh, secular_spectral_norm
 
 __all__ = [
@@ -127,6 +128,19 @@ class _Structured:
     def device(self) -> torch.device:
         return self._p.device
 
+    @property
+    def T(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def mT(self):
+        """The transpose, as :attr:`T` (the batch dimensions stay in front)."""
+        return self.T
+
+    def transpose(self):
+        """The transpose, as :attr:`T`."""
+        return self.T
+
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
@@ -202,14 +216,8 @@ class SoftmaxJacobian(_Structured):
             raise ValueError(f"`{fn}`: pass exactly one of `logits` and `probs`. Got {got}.")
         t = check_temperature(fn, temperature)
         if logits is not None:
-            d = check_logits(fn, logits, dim)
-            m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
-            z = logits.to(as_float_dtype(logits.dtype)).movedim(d, -1)
-            if m is not None:
-                m = m.movedim(d, -1)
-            z = _core.masked_scaled_logits(z, m, t)
-            self._log_p = _core.log_softmax_last(z)
-            self._p = _core.softmax_last(z)
+            z, d, _ = _prepare(fn, logits, dim, mask, t)
+            self._p, self._log_p = _core.softmax_and_log_last(z)
         else:
             assert probs is not None
             d = check_logits(fn, probs, dim, name="probs")
@@ -260,15 +268,8 @@ class SoftmaxJacobian(_Structured):
         """The transpose: J is symmetric, so the operator itself."""
         return self
 
-    @property
-    def mT(self) -> SoftmaxJacobian:
-        return self
-
-    def transpose(self) -> SoftmaxJacobian:
-        return self
-
-    def _scaled(self, x: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-        return x if self._t == 1.0 else x / self._t**power
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._t == 1.0 else x / self._t
 
     # ------------------------------------------------------------------ products
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,8 +309,8 @@ class SoftmaxJacobian(_Structured):
         """
         p = self._p
         p2 = p * p
-        diag2 = (p * _core.one_minus(p)).square().sum(-1)
         idx = _core.argmax_index(p)
+        diag2 = (p * _core.one_minus(p, idx)).square().sum(-1)
         rest = (p2.sum(-1, keepdim=True) - p2).scatter(-1, idx, _core.max_complement(p2, idx))
         off = (p2 * rest).sum(-1)
         return self._scaled((diag2 + off).sqrt())
@@ -375,11 +376,9 @@ class SoftmaxJacobian(_Structured):
             out = out - (nf - 1) * math.log(self._t)
         return torch.where(n > 0, out, torch.full_like(out, float("-inf")))
 
-    def _damped_parts(self, fn: str, damping: object):
-        lam = check_positive(fn, "damping", damping)
-        mu = lam * self._t  # J/T + λI = (J + μI)/T
-        p = self._p
-        return lam, mu, p
+    def _damping_mu(self, fn: str, damping: object) -> float:
+        """``μ = λT`` for the validated damping λ: ``J/T + λI = (J + μI)/T``."""
+        return check_positive(fn, "damping", damping) * self._t
 
     def solve_damped(self, b: torch.Tensor, damping: float) -> torch.Tensor:
         """``(J/T + λI)⁻¹ b`` in O(K·m) by Sherman–Morrison, λ = ``damping`` > 0.
@@ -392,7 +391,7 @@ class SoftmaxJacobian(_Structured):
             damping: λ, a finite number > 0.
         """
         fn = f"{_NAME}.solve_damped"
-        _, mu, p = self._damped_parts(fn, damping)
+        mu, p = self._damping_mu(fn, damping), self._p
 
         def op(pp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             d = pp + mu
@@ -413,7 +412,7 @@ class SoftmaxJacobian(_Structured):
         ``K log λ``. Differentiable.
         """
         fn = f"{_NAME}.logdet_damped"
-        _, mu, p = self._damped_parts(fn, damping)
+        mu, p = self._damping_mu(fn, damping), self._p
         k = p.shape[-1]
         d = p + mu
         s = (p / d).sum(-1)
@@ -490,13 +489,6 @@ class SoftmaxJacobianPinv(_Structured):
     def T(self) -> SoftmaxJacobianPinv:
         return self
 
-    @property
-    def mT(self) -> SoftmaxJacobianPinv:
-        return self
-
-    def transpose(self) -> SoftmaxJacobianPinv:
-        return self
-
     @staticmethod
     def _op(p: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
         sup = _support(p)
@@ -555,23 +547,15 @@ class SoftmaxJacobianSqrtFactor(_Structured):
     def T(self) -> SoftmaxJacobianSqrtFactor:
         return SoftmaxJacobianSqrtFactor(self._p, self._t, not self._transposed)
 
-    @property
-    def mT(self) -> SoftmaxJacobianSqrtFactor:
-        return self.T
-
-    def transpose(self) -> SoftmaxJacobianSqrtFactor:
-        return self.T
-
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._t == 1.0 else x / math.sqrt(self._t)
 
     @staticmethod
     def _s(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # (S v)_i = √σ_i v_i − σ_i Σ_j √σ_j v_j; argmax: √σ v (1 − σ) − σ Σ_{j≠i*} √σ_j v_j.
-        r = p.sqrt()
-        out = r * v - p * (r * v).sum(-1, keepdim=True)
+        rv = p.sqrt() * v
+        out = rv - p * rv.sum(-1, keepdim=True)
         idx = _core.argmax_index(p)
-        rv = r * v
         rest = rv.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
         star = rv.gather(-1, idx) * _core.max_complement(p, idx) - p.gather(-1, idx) * rest
         return out.scatter(-1, idx, star)
@@ -579,12 +563,7 @@ class SoftmaxJacobianSqrtFactor(_Structured):
     @staticmethod
     def _st(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # (Sᵀ v)_i = √σ_i (v_i − ⟨σ, v⟩); argmax: √σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j).
-        r = p.sqrt()
-        out = r * (v - (p * v).sum(-1, keepdim=True))
-        idx = _core.argmax_index(p)
-        v_star = v.gather(-1, idx)
-        t = (p * (v_star - v)).scatter(-1, idx, 0.0).sum(-1, keepdim=True)
-        return out.scatter(-1, idx, r.gather(-1, idx) * t)
+        return p.sqrt() * _core.centred_last(p, v)
 
     def _fwd(self, transposed: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         return self._st if transposed else self._s
@@ -646,13 +625,6 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
         f._p, f._t, f._transposed = self._p, self._t, not self._transposed
         f._diag, f._beta = self._diag, self._beta
         return f
-
-    @property
-    def mT(self) -> SoftmaxJacobianCholeskyFactor:
-        return self.T
-
-    def transpose(self) -> SoftmaxJacobianCholeskyFactor:
-        return self.T
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._t == 1.0 else x / math.sqrt(self._t)
