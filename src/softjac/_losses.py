@@ -21,7 +21,7 @@ from numbers import Real
 import torch
 
 from softjac import _autograd, _core
-from softjac._checks import as_float_dtype, check_dim, check_logits, check_tensor, fmt_shape
+from softjac._checks import as_float_dtype, check_logits, check_tensor, fmt_shape
 from softjac.kernels import _torch, dispatch
 
 __all__ = [
@@ -55,8 +55,7 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
     check_tensor(fn, "logits", logits)
     if logits.ndim == 1 and dim == 1:
         dim = 0  # 1-D logits (K,) with a 0-d target, like F.cross_entropy
-    d = check_dim(fn, dim, logits.ndim)
-    check_logits(fn, logits, d)
+    d = check_logits(fn, logits, dim)
     k = logits.shape[d]
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"`{fn}`: `target` must be a torch.Tensor. Got {type(target).__name__}.")

@@ -207,15 +207,7 @@ class PropertyReport:
             )
         if self.num_slices == 1:
             rows = [r[:4] + r[5:] for r in rows]
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [head]
-        for i, r in enumerate(rows):
-            lines.append(
-                "  " + "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True)).rstrip()
-            )
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return _format_table(head, rows)
 
 
 @dataclass(frozen=True)
@@ -294,19 +286,23 @@ class AutogradComparison:
             rows.append((method, f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", _fmt_index(d.worst_index)))
         if self.num_slices <= 1:
             rows = [r[:3] for r in rows]
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        lines = [head]
-        for i, r in enumerate(rows):
-            lines.append(
-                "  " + "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True)).rstrip()
-            )
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return _format_table(head, rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _format_table(head: str, rows: list[tuple[str, ...]]) -> str:
+    """``head``, then ``rows`` as left-aligned columns (indented two spaces), a dash rule
+    under the first row (the column titles)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [head]
+    for i, r in enumerate(rows):
+        lines.append("  " + "  ".join(s.ljust(w) for s, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _reference_probs64(z: torch.Tensor) -> torch.Tensor:
