@@ -564,17 +564,15 @@ def test_shared_c_builder(tmp_path, monkeypatch):
     lib, why = _cbuild.load_library(bad, "softjac_test")
     assert lib is None and "bad.c" in why
     assert not list((tmp_path / "cache").glob("*.tmp"))
-    # two units compiled at once and linked: each defines its part; a failing part fails all
-    split = tmp_path / "split.c"
-    split.write_text(
-        "#if SOFTJAC_PART == 1\nint softjac_test_one(void) { return 1; }\n#endif\n"
-        "#if SOFTJAC_PART == 2\nint softjac_test_three(void) { return 3; }\n#endif\n"
-    )
-    lib, why = _cbuild.load_library(split, "softjac_split", parts=2)
+    # several units compiled at once and linked: each defines its part; a failing one fails all
+    one, three = tmp_path / "one.c", tmp_path / "three.c"
+    one.write_text("int softjac_test_one(void) { return 1; }\n")
+    three.write_text("int softjac_test_three(void) { return 3; }\n")
+    lib, why = _cbuild.load_library([one, three], "softjac_split")
     assert lib is not None and lib.softjac_test_one() == 1 and lib.softjac_test_three() == 3
     half_bad = tmp_path / "half_bad.c"
-    half_bad.write_text("#if SOFTJAC_PART == 2\nthis is not C\n#endif\nint ok_fn(void);\n")
-    lib, why = _cbuild.load_library(half_bad, "softjac_split", parts=2)
+    half_bad.write_text("this is not C\n")
+    lib, why = _cbuild.load_library([one, half_bad], "softjac_split")
     assert lib is None and "half_bad.c" in why
     assert not list((tmp_path / "cache").glob("*.tmp*"))  # no temporary objects left
     monkeypatch.setenv("SOFTJAC_DISABLE_CPU_KERNEL", "1")

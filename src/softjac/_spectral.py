@@ -104,12 +104,12 @@ CHUNK_ELEMENTS = 1 << 17
 
 # --------------------------------------------------------------------------- fused CPU loop
 # The four sums below are the whole O(K²) cost of the solver. In PyTorch they take ~8
-# elementwise passes per evaluation; the C loop in ``softjac/kernels/_secular.c`` does them in
+# elementwise passes per evaluation; the C loop in ``softjac/kernels/csrc/secular.c`` does them in
 # one pass per row (about 10× faster). It is compiled at first use by the shared builder
 # ``softjac.kernels._cbuild`` (like ``softjac.kernels._cpu``), cached per user, and skipped
 # silently when no compiler works or ``SOFTJAC_DISABLE_CPU_KERNEL`` is set; the PyTorch path
 # is the reference and the fallback.
-_NATIVE_SOURCE = Path(__file__).parent / "kernels" / "_secular.c"
+_NATIVE_SOURCE = Path(__file__).parent / "kernels" / "csrc" / "secular.c"
 _native_lock = threading.Lock()
 _native_state: dict[str, object] = {}
 #: Set to False to force the PyTorch path (the tests compare both).

@@ -1,11 +1,12 @@
-"""Compile a plain-C source file at first use into a per-user cache and load it with ctypes.
+"""Compile plain-C sources at first use into a per-user cache and load them with ctypes.
 
-Shared by the CPU kernels (``_cpu_kernels.c``, loaded by ``softjac.kernels._cpu``) and the
-secular-equation loop (``_secular.c``, loaded by ``softjac._spectral``). The C files have no
+Shared by the CPU kernels (``csrc/{vjp,softmax,cross_entropy,dense}.c``, loaded by
+``softjac.kernels._cpu``) and the secular-equation loop (``csrc/secular.c``, loaded by
+``softjac._spectral``). The C files have no
 Python headers, so they build in seconds with any C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) and need no build step at install time. The shared object is cached
 in ``$SOFTJAC_CACHE_DIR`` or ``$XDG_CACHE_HOME/softjac`` or ``~/.cache/softjac``, named
-``<prefix>_<hash>.so`` by a hash of the source, the compiler, its flags and the machine
+``<prefix>_<hash>.so`` by a hash of the sources and the headers beside them, the compiler, its flags and the machine
 (``-march=native``), written to a temporary name and renamed atomically, so concurrent first
 uses are safe. A compiler without ``-fopenmp`` (e.g. Apple clang) gets a single-threaded build,
 one that does not know ``-march=native`` a generic one. ``SOFTJAC_DISABLE_CPU_KERNEL`` (any
@@ -60,34 +61,37 @@ def machine_tag() -> bytes:
     return (platform.machine() + platform.processor() + sys.platform).encode()
 
 
-def build(source: Path, prefix: str, cc: str, flags: Sequence[str], parts: int = 1) -> Path:
-    """Compile ``source`` into the cache (once per source/compiler/flags/machine); returns the
-    path of the shared object. Raises ``OSError`` with the compiler's message on failure.
+def _key(sources: Sequence[Path], cc: str, flags: Sequence[str]) -> str:
+    """Hash of the sources, every header in their directories, the compiler, flags, machine."""
+    files = sorted({*sources, *(h for src in sources for h in src.parent.glob("*.h"))})
+    key_parts = [f.name.encode() + b"\0" + f.read_bytes() for f in files]
+    key_parts += [cc.encode(), " ".join(flags).encode(), machine_tag()]
+    return hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:20]
 
-    ``parts > 1``: the source is compiled as that many units at once (``-DSOFTJAC_PART=i``,
-    each instantiating its share of the kernels), then linked into one library."""
-    key_parts = [source.read_bytes(), cc.encode(), " ".join(flags).encode(), machine_tag()]
-    key_parts.append(str(parts).encode())
-    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:20]
+
+def build(sources: Sequence[Path], prefix: str, cc: str, flags: Sequence[str]) -> Path:
+    """Compile ``sources`` into one shared object in the cache (once per sources/headers/
+    compiler/flags/machine); returns its path. Raises ``OSError`` with the compiler's message
+    on failure. Several sources are compiled as separate units at once, then linked."""
     out_dir = cache_dir()
-    target = out_dir / f"{prefix}_{key}.so"
+    target = out_dir / f"{prefix}_{_key(sources, cc, flags)}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=out_dir)
     os.close(fd)
-    objects = [f"{tmp}.{i}.o" for i in range(1, parts + 1)] if parts > 1 else []
+    objects = [f"{tmp}.{i}.o" for i in range(1, len(sources) + 1)] if len(sources) > 1 else []
     try:
         if objects:
             unit_flags = [f for f in flags if f != "-shared"]
             procs = [
                 subprocess.Popen(
-                    [cc, *unit_flags, "-c", f"-DSOFTJAC_PART={i}", str(source), "-o", obj],
+                    [cc, *unit_flags, "-c", str(src), "-o", obj],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     text=True,
                 )
-                for i, obj in enumerate(objects, start=1)
+                for src, obj in zip(sources, objects, strict=True)
             ]
             for proc in procs:
                 _, err = proc.communicate(timeout=120)
@@ -95,7 +99,7 @@ def build(source: Path, prefix: str, cc: str, flags: Sequence[str], parts: int =
                     raise OSError(f"`{cc}` failed (exit {proc.returncode}): {err.strip()[:500]}")
             command = [cc, *flags, *objects, "-o", tmp]
         else:
-            command = [cc, *flags, str(source), "-o", tmp]
+            command = [cc, *flags, str(sources[0]), "-o", tmp]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise OSError(f"`{cc}` failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
@@ -108,18 +112,19 @@ def build(source: Path, prefix: str, cc: str, flags: Sequence[str], parts: int =
 
 
 def load_library(
-    source: Path,
+    sources: Path | Sequence[Path],
     prefix: str,
     *,
     compiler: Callable[[], str | None] = find_compiler,
     flags: Sequence[str] = FLAGS,
-    parts: int = 1,
 ) -> tuple[ctypes.CDLL | None, str]:
-    """Build (or find in the cache) and load ``source``: ``(library, "")``, or ``(None, why)``
-    when it is disabled, there is no compiler or every build failed. Never raises for those.
+    """Build (or find in the cache) and load ``sources`` (one file or several, linked into
+    one library): ``(library, "")``, or ``(None, why)`` when it is disabled, there is no
+    compiler or every build failed. Never raises for those.
 
     The flags are tried as given, then without ``-fopenmp``, then also without
-    ``-march=native``; ``parts`` as in :func:`build`."""
+    ``-march=native``."""
+    sources = [sources] if isinstance(sources, Path) else list(sources)
     if os.environ.get(DISABLE_ENV):
         return None, f"it is disabled by the environment variable {DISABLE_ENV}"
     cc = compiler()
@@ -129,7 +134,8 @@ def load_library(
     errors = []
     for attempt in (list(flags), no_omp, [f for f in no_omp if f != "-march=native"]):
         try:
-            return ctypes.CDLL(str(build(source, prefix, cc, attempt, parts))), ""
+            return ctypes.CDLL(str(build(sources, prefix, cc, attempt))), ""
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
-    return None, f"compiling {source.name} failed: " + " | ".join(errors)
+    names = ", ".join(src.name for src in sources)
+    return None, f"compiling {names} failed: " + " | ".join(errors)

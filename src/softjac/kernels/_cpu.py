@@ -1,11 +1,11 @@
 """CPU kernels: a small plain-C file compiled at first use and called through ctypes.
 
 Why this design (``docs/benchmarks.md`` has the numbers): PyTorch's native softmax backward
-on CPU runs far below the copy bandwidth at large K; the fused loops in ``_cpu_kernels.c``
+on CPU runs far below the copy bandwidth at large K; the fused loops in ``csrc/*.c``
 read σ and v once from DRAM (the second look at a row is served from cache) and write once,
 with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
-which the native kernel does not. The C file has no Python headers; ``softjac.kernels._cbuild``
-compiles it at first use (about 3 s once, any C compiler) into a per-user cache, named by
+which the native kernel does not. The C files have no Python headers; ``softjac.kernels._cbuild``
+compiles them at first use (about 3 s once, any C compiler) into a per-user cache, named by
 a hash of the source, the compiler, its flags and the machine, and renamed into place
 atomically, so concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls
 back to torch and ``backend="cpu"`` raises with the compiler's message.
@@ -36,7 +36,8 @@ __all__ = [
 # Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_SOURCE = Path(__file__).with_name("_cpu_kernels.c")
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / f"{name}.c" for name in ("vjp", "softmax", "cross_entropy", "dense")]
 _ABI = 6
 _SUFFIX = {
     torch.float32: "f32",
@@ -63,8 +64,8 @@ def _load() -> ctypes.CDLL | None:
     with _lock:
         if _lib is not None or _error is not None:
             return _lib
-        # two units compiled at once: about 2.3 s instead of 3.3 s on two cores
-        lib, why = _cbuild.load_library(_SOURCE, "softjac_cpu", compiler=_compiler, parts=2)
+        # one unit per kernel family, compiled at once and linked into one library
+        lib, why = _cbuild.load_library(_SOURCES, "softjac_cpu", compiler=_compiler)
         if lib is None:
             _error = why
             return None
