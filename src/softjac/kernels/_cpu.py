@@ -1,29 +1,29 @@
-"""CPU kernels: a small plain-C file compiled at first use and called through ctypes.
+"""CPU kernels: plain-C loops built at install time and called through ctypes.
 
 Why this design (``docs/benchmarks.md`` has the numbers): PyTorch's native softmax backward
-on CPU runs far below the copy bandwidth at large K; the fused loops in ``csrc/*.c``
-read σ and v once from DRAM (the second look at a row is served from cache) and write once,
-with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
-which the native kernel does not. The C files have no Python headers; ``softjac.kernels._cbuild``
-compiles them at first use (about 3 s once, any C compiler) into a per-user cache, named by
-a hash of the source, the compiler, its flags and the machine, and renamed into place
-atomically, so concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls
-back to torch and ``backend="cpu"`` raises with the compiler's message.
+on CPU runs far below the copy bandwidth at large K; the fused loops in ``csrc/*.c`` read σ
+and v once from DRAM (the second look at a row is served from cache) and write once, with
+rows handed to OpenMP threads, and they compute the argmax entry without cancellation, which
+the native kernel does not. The C files have no Python headers; ``setup.py`` compiles them
+at install into ``kernels/_lib/`` in three instruction-set variants (x86-64 baseline, AVX2,
+AVX-512), of which ``softjac.kernels._loader`` loads the best this CPU runs (``capability``).
+Without a build (and without the ``SOFTJAC_BUILD_KERNELS=1`` opt-in to compile at first use),
+``backend="auto"`` falls back to torch and ``backend="cpu"`` raises with the reason.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from pathlib import Path
 
 import torch
 
-from softjac.kernels import _cbuild
+from softjac.kernels import _loader
 
 __all__ = [
     "CE_DTYPES",
     "available",
+    "capability",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "softmax",
@@ -36,8 +36,6 @@ __all__ = [
 # Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / f"{name}.c" for name in ("vjp", "softmax", "cross_entropy", "dense")]
 _ABI = 6
 _SUFFIX = {
     torch.float32: "f32",
@@ -49,28 +47,27 @@ _SUFFIX = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+_variant = ""
 _fns: dict[str, ctypes._CFuncPtr] = {}  # every entry point by name, typed by _load
 
 
-# Module-level names so that tests can replace them (e.g. a missing compiler).
-_cache_dir = _cbuild.cache_dir
-_compiler = _cbuild.find_compiler
-
-
 def _load() -> ctypes.CDLL | None:
-    global _lib, _error
+    global _lib, _error, _variant
     if _lib is not None or _error is not None:
         return _lib
     with _lock:
         if _lib is not None or _error is not None:
             return _lib
-        # one unit per kernel family, compiled at once and linked into one library
-        lib, why = _cbuild.load_library(_SOURCES, "softjac_cpu", compiler=_compiler)
+        lib, why, variant = _loader.load("softjac_cpu")
         if lib is None:
             _error = why
             return None
-        if lib.softjac_cpu_abi() != _ABI:
-            _error = "the cached C kernel has the wrong ABI version; clear " + str(_cache_dir())
+        abi = lib.softjac_cpu_abi()
+        if abi != _ABI:
+            _error = (
+                f"the built C kernels have ABI version {abi}, this softjac needs {_ABI}; "
+                "rebuild them (`pip install -e .` in the source tree)"
+            )
             return None
         i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         # z, target, weight, w_sum, loss, lse, n, k, stride, ignore, eps, threads
@@ -93,13 +90,20 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes = argtypes
             fn.restype = cint
             _fns[name] = fn
-        _lib = lib
+        _lib, _variant = lib, variant
         return _lib
 
 
 def available() -> bool:
-    """Whether the C kernel is built (building it on the first call)."""
+    """Whether the C kernels are built and load on this machine (loading them on first call)."""
     return _load() is not None
+
+
+def capability() -> str:
+    """The instruction-set variant of the loaded kernels: ``"baseline"``, ``"avx2"`` or
+    ``"avx512"`` (empty string when they are unavailable)."""
+    _load()
+    return _variant
 
 
 def unavailable_reason() -> str:
