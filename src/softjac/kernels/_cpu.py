@@ -26,17 +26,19 @@ __all__ = [
     "capability",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "jacobian_logits",
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
+    "softmax_vjp_logits",
     "unavailable_reason",
 ]
 
 # Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_ABI = 6
+_ABI = 7
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -80,6 +82,8 @@ def _load() -> ctypes.CDLL | None:
             signatures[f"softjac_vjp_inner_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, cint]
             signatures[f"softjac_vjp_logits_{suffix}"] = [ptr, ptr, ptr, ptr] + [i64] * 5 + [cint]
             signatures[f"softjac_jac_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_vjp_exact_{suffix}"] = [ptr, ptr, ptr] + [i64] * 5 + [cint]
+            signatures[f"softjac_jac_logits_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
             if suffix == "f64":  # float32 math only: float64 stays on torch
                 continue
             signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
@@ -240,11 +244,55 @@ def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor)
     n = z2.numel() // k if k else 0
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     lse1 = lse.to(acc).reshape(-1).contiguous()
-    lse1 = torch.where(torch.isfinite(lse1), lse1, torch.zeros((), dtype=acc))  # masked rows
+    # masked rows (lse = -inf) give zeros with any finite lse; +inf or NaN stays, so that
+    # exp(z - lse) is NaN somewhere and the whole row NaN
+    lse1 = torch.where(lse1 == float("-inf"), torch.zeros((), dtype=acc), lse1)
     if n and k:
         fn = _fns[f"softjac_vjp_logits_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), lse1.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so,
            torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` over the last dim straight from logits ``z``, with σ never rounded: the
+    formula of ``softjac._core.vjp_logits_last`` (``e = exp(z − max z)``, ``r = Σ_{j≠i*} e_j``,
+    ``S = 1 + r``, ``(J v)_i = e_i (v_i S − Σ_j e_j v_j) / S²``, the argmax entry
+    ``Σ_{j≠i*} e_j (v_{i*} − v_j) / S²``) by the C kernel in two passes over each row (one
+    read of ``z`` and ``v`` from memory, the max found online), O(K) per row. Float math for
+    float32/bfloat16/float16, double for float64; the dtype of ``z``, which ``v`` must share.
+    A NaN in a row (of ``z`` or ``v``) or a +inf logit makes that row NaN; −inf is masked and
+    a fully masked row gives zeros; ``v`` near the overflow threshold is scaled internally, so
+    the result is finite wherever the exact one is representable."""
+    _lib_or_raise()
+    shape = z.shape
+    k = shape[-1] if z.dim() else 1
+    z2, sz = _rows(z)
+    v2, sv = _rows(v)
+    out = torch.empty(shape, dtype=z.dtype)
+    o2, so = _rows(out)
+    n = z2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_vjp_exact_{_SUFFIX[z.dtype]}"]
+        fn(z2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so, torch.get_num_threads())
+    return out
+
+
+def jacobian_logits(z: torch.Tensor) -> torch.Tensor:
+    """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` straight from logits ``z``, with σ
+    never rounded: the formula of ``softjac._core.jacobian_logits_last`` (``J_ij = −e_i e_j /
+    S²``, ``J_ii = e_i (S − e_i) / S²``, the argmax's ``S − e_{i*}`` as ``r``), by the C
+    writer: K exponentials per row, then O(K²) written once; the dtype of ``z``. Rows with a
+    NaN or a +inf give NaN blocks, fully masked rows zeros."""
+    _lib_or_raise()
+    k = z.shape[-1]
+    z2, sz = _rows(z)
+    out = torch.empty((*z.shape, k), dtype=z.dtype)
+    n = z2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_jac_logits_{_SUFFIX[z.dtype]}"]
+        if fn(z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()):
+            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
     return out
 
 
