@@ -23,25 +23,31 @@ Ops:
 * ``jacobian``   — dense (N, K, K). Eager: the tutorial's ``diag_embed(σ) − σσᵀ``.
 * ``ce_fwd_bwd`` — cross-entropy loss rows and their gradient. Eager: ``F.cross_entropy``
   forward + backward (reduction ``sum``).
+* ``api``        — the public API end to end (CPU float32): ``api_vjp`` (``softjac.vjp(z, v)``
+  vs ``torch.softmax`` + native backward), ``api_softmax`` (``softjac.softmax`` forward +
+  backward vs ``torch.softmax``'s) and ``api_ce_dim1`` (``softjac.cross_entropy(..., dim=1)``
+  forward + backward on (16, 21, 128, 128) vs ``F.cross_entropy``'s).
+
+Rows follow ``benchmarks/_schema.py`` (``--json``): median, p20 and p80 seconds per call and
+the ratio eager / impl.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
 
+import _schema
+import softjac
 from softjac import _core
 from softjac.kernels import dispatch
 
@@ -63,28 +69,13 @@ CE_SHAPES = [(512, 32768), (128, 131072), (64, 262144)]
 CE_SHAPES_GPU = [(4096, 32768), (1024, 131072), (512, 262144)]
 
 
-@dataclass
-class Row:
-    op: str
-    shape: tuple
-    dtype: str
-    impl: str
-    ms: float
-    gbps: float
-    frac_copy: float
-    vs_eager: float | None = None
-    vs_compile: float | None = None
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-
 class Bench:
     def __init__(self, device: str, quick: bool, compile_: bool, backend: str):
         self.device = device
         self.quick = quick
         self.compile = compile_
         self.backend = backend
-        self.rows: list[Row] = []
+        self.rows: list[dict] = []  # _schema rows
         self.copy_gbps = float("nan")
 
     # -- timing ----------------------------------------------------------------------------
@@ -163,60 +154,46 @@ class Bench:
             except Exception as exc:
                 print(f"  (torch.compile failed for {op} {shape}: {type(exc).__name__})")
                 compiled = None
-        samples = self.time_many(fns)
-        t_ours = _median(samples[0])
-        t_eager = _median(samples[1]) if eager is not None else None
-        t_comp = _median(samples[-1]) if compiled is not None else None
-
-        def paired(other):  # median of the per-round ratios: robust to bursts of load
-            return _median([o / s for o, s in zip(other, samples[0], strict=True)])
-
-        def row(impl, ms, **kw):
-            gbps = nbytes / ms / 1e6
-            r = Row(op, shape, name, impl, ms, gbps, gbps / self.copy_gbps, **kw)
+        samples = [[ms / 1e3 for ms in xs] for xs in self.time_many(fns)]  # seconds
+        base = samples[1] if eager is not None else None
+        rows = [_schema.row(op, shape, name, "softjac", samples[0], base)]
+        if eager is not None:
+            rows.append(_schema.row(op, shape, name, "eager", samples[1], base))
+        if compiled is not None:
+            rows.append(_schema.row(op, shape, name, "compile", samples[-1], base))
+        for r in rows:
             self.rows.append(r)
-            return r
-
-        r = row(
-            "softjac",
-            t_ours,
-            vs_eager=None if t_eager is None else paired(samples[1]),
-            vs_compile=None if t_comp is None else paired(samples[-1]),
-            note=f"backend={self._resolved(op, dtype)}",
-        )
-        self.print_row(r)
-        if t_eager is not None:
-            self.print_row(row("eager", t_eager))
-        if t_comp is not None:
-            self.print_row(row("compile", t_comp))
+            note = f"backend={self._resolved(op, dtype)}" if r["impl"] == "softjac" else ""
+            self.print_row(r, nbytes, note)
 
     def _resolved(self, op: str, dtype: torch.dtype) -> str:
-        x = torch.empty(1, 1, dtype=dtype, device=self.device)
         key = {
             "vjp_probs": "softmax_vjp",
             "vjp_dim1": "softmax_vjp",
             "vjp_logits": "softmax_vjp_from_logits",
             "jacobian": "softmax_jacobian_dense",
             "ce_fwd_bwd": "cross_entropy_forward",
-        }[op]
+        }.get(op)
+        if key is None:
+            return "public API"
+        x = torch.empty(1, 1, dtype=dtype, device=self.device)
         return dispatch.resolve_backend("benchmark", self.backend, x, key)
 
     @staticmethod
     def header() -> None:
         print(
-            f"{'op':<11} {'shape':>14} {'dtype':<9} {'impl':<8} {'ms':>9} {'GB/s':>8} "
-            f"{'%copy':>6} {'vs eager':>9} {'vs compile':>10}  note"
+            f"{'op':<14} {'shape':>16} {'dtype':<9} {'impl':<8} {'median ms':>10} "
+            f"{'p20-p80 ms':>17} {'GB/s':>8} {'vs eager':>9}  note"
         )
 
-    @staticmethod
-    def print_row(r: Row) -> None:
-        def ratio(x):
-            return f"{x:.2f}x" if x is not None else "-"
-
-        shape = "x".join(map(str, r.shape))
+    def print_row(self, r: dict, nbytes: int, note: str = "") -> None:
+        shape = "x".join(map(str, r["shape"]))
+        gbps = nbytes / r["median"] / 1e9
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        spread = f"{r['p20'] * 1e3:.3f}-{r['p80'] * 1e3:.3f}"
         print(
-            f"{r.op:<11} {shape:>14} {r.dtype:<9} {r.impl:<8} {r.ms:9.3f} {r.gbps:8.1f} "
-            f"{100 * r.frac_copy:5.0f}% {ratio(r.vs_eager):>9} {ratio(r.vs_compile):>10}  {r.note}"
+            f"{r['op']:<14} {shape:>16} {r['dtype']:<9} {r['impl']:<8} {r['median'] * 1e3:10.3f} "
+            f"{spread:>17} {gbps:8.1f} {ratio:>9}  {note}"
         )
 
 
@@ -373,24 +350,58 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def environment(device: str) -> dict:
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            env["cpu"] = next(ln.split(":", 1)[1].strip() for ln in fh if "model name" in ln)
-    except (OSError, StopIteration):
-        env["cpu"] = platform.processor()
-    if device == "cuda":
-        import triton
+def bench_api(b: Bench, quick: bool) -> None:
+    """The public API end to end, float32 CPU, beside the kernels: ``softjac.vjp(z, v)``
+    against ``torch.softmax`` + the native backward, ``softjac.softmax`` forward + backward
+    against ``torch.softmax``'s, and ``softjac.cross_entropy(..., dim=1)`` (mean) forward +
+    backward on a segmentation-shaped batch against ``F.cross_entropy``'s."""
+    for n, k in [(16384, 1024), (128, 131072), (4096, 128)]:
+        z, v = _gen((n, k), torch.float32, b.device)
+        ref = _core.vjp_logits_last(z[:64].double(), v[:64].double())
+        check("api_vjp", softjac.vjp(z[:64], v[:64]), ref, torch.float32)
+        b.run(
+            "api_vjp", (n, k), torch.float32, 3 * n * k * 4,
+            lambda z=z, v=v: softjac.vjp(z, v),
+            lambda z=z, v=v: torch._softmax_backward_data(v, torch.softmax(z, -1), -1, z.dtype),
+            None,
+        )  # fmt: skip
+    for n, k in [(16384, 1024), (4096, 128)]:
+        z, v = _gen((n, k), torch.float32, b.device)
 
-        env["gpu"] = torch.cuda.get_device_name()
-        env["triton"] = triton.__version__
-    return env
+        def fwd_bwd(fn, z=z, v=v):
+            zz = z.detach().requires_grad_(True)
+            fn(zz).backward(v)
+            return zz.grad
+
+        ref = _core.vjp_last(torch.softmax(z[:64].double(), -1), v[:64].double())
+        check("api_softmax", fwd_bwd(softjac.softmax, z[:64], v[:64]), ref, torch.float32)
+        b.run(
+            "api_softmax", (n, k), torch.float32, 5 * n * k * 4,
+            lambda: fwd_bwd(softjac.softmax),
+            lambda: fwd_bwd(lambda x: torch.softmax(x, -1)),
+            None,
+        )  # fmt: skip
+    shape = (16, 21, 128, 128)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(shape, generator=g) * 3
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+
+    def ce(fn, z=z, t=t):
+        zz = z.detach().requires_grad_(True)
+        fn(zz, t).backward()
+        return zz.grad
+
+    zr = z.double().requires_grad_(True)
+    F.cross_entropy(zr, t).backward()
+    check(
+        "api_ce_dim1", ce(lambda x, y: softjac.cross_entropy(x, y, dim=1)), zr.grad, torch.float32
+    )
+    b.run(
+        "api_ce_dim1", shape, torch.float32, 3 * z.numel() * 4,
+        lambda: ce(lambda x, y: softjac.cross_entropy(x, y, dim=1)),
+        lambda: ce(F.cross_entropy),
+        None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--backend", default="auto", choices=dispatch.BACKENDS)
-    ap.add_argument("--ops", default="vjp_probs,vjp_dim1,vjp_logits,jacobian,ce_fwd_bwd")
+    ap.add_argument("--ops", default="vjp_probs,vjp_dim1,vjp_logits,jacobian,ce_fwd_bwd,api")
     args = ap.parse_args(argv)
     if args.quick:
         args.device = "cpu"
@@ -411,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.device == "cuda"
     dtypes = [DTYPES[d] for d in (args.dtype or (sorted(DTYPES) if gpu else ["float32"]))]
     b = Bench(args.device, args.quick, not (args.no_compile or args.quick), args.backend)
-    env = environment(args.device)
+    env = _schema.environment()
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
     if not b.compile:
         print("torch.compile baseline skipped (--quick or --no-compile)")
@@ -431,11 +442,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_jacobian(b, shapes[:1] if args.quick else shapes, dtype)
         if "ce_fwd_bwd" in ops:
             bench_ce(b, CE_SHAPES_GPU if gpu else CE_SHAPES[:2] if args.quick else CE_SHAPES, dtype)
+    if "api" in ops and not gpu:
+        bench_api(b, args.quick)
     if args.json:
-        with open(args.json, "w") as fh:
-            doc = {"environment": env, "copy_gbps": b.copy_gbps,
-                   "rows": [asdict(r) for r in b.rows]}  # fmt: skip
-            json.dump(doc, fh, indent=1)
+        _schema.write(args.json, b.rows, copy_gbps=b.copy_gbps)
         print(f"\nwrote {args.json}")
     return 0
 
