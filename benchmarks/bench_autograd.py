@@ -6,7 +6,7 @@ Checks correctness first (values and gradients against ``torch.softmax`` /
 ``F.cross_entropy`` in float64), then times with ``torch.utils.benchmark`` (median):
 
 * forward+backward of ``softmax_last_autograd`` vs ``torch.softmax`` and of
-  ``softjac.cross_entropy`` vs ``F.cross_entropy`` (ratio = softjac / torch; < 1 is faster);
+  ``softjac.cross_entropy`` vs ``F.cross_entropy`` (ratio = torch / softjac; > 1 is faster);
 * double backward (a Hessian-vector product by two reverse passes) vs PyTorch's;
 * memory of ``softjac.cross_entropy_hessian`` vs the dense ``(N, K, K)`` blocks at K = 32768
   (the dense size is computed analytically: it does not fit).
@@ -15,13 +15,17 @@ Checks correctness first (values and gradients against ``torch.softmax`` /
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+import _schema
 import softjac
 from softjac._autograd import softmax_last_autograd
 
@@ -60,21 +64,23 @@ def _time(stmt: str, env: dict, min_run_time: float) -> float:
 
 
 def _pair(ours: tuple[str, dict], ref: tuple[str, dict], min_run_time: float) -> tuple:
-    """Per-call times of ``ours`` and ``ref``, measured alternately in 3 rounds (the best
-    round of each), so a change in machine load hits both. Each round is the median of
-    ``torch.utils.benchmark`` blocks, or their minimum with ``--min``."""
+    """Per-call times (seconds) of ``ours`` and ``ref``, measured alternately in 5 rounds, so
+    a change in machine load hits both. Each round is the median of ``torch.utils.benchmark``
+    blocks, or their minimum with ``--min``."""
     to, tr = [], []
-    for _ in range(3):
-        to.append(_time(*ours, min_run_time / 3))
-        tr.append(_time(*ref, min_run_time / 3))
-    return min(to), min(tr)
+    for _ in range(5):
+        to.append(_time(*ours, min_run_time / 5))
+        tr.append(_time(*ref, min_run_time / 5))
+    return to, tr
 
 
 def _paired_row(op: str, shape: tuple, ours: tuple[str, dict], ref: tuple[str, dict], mrt):
-    """One result row: :func:`_pair` of the two statements, in milliseconds."""
+    """Two schema rows (softjac, torch) from :func:`_pair` of the two statements."""
     t_ours, t_ref = _pair(ours, ref, mrt)
-    return dict(op=op, shape=shape, softjac_ms=t_ours * 1e3, torch_ms=t_ref * 1e3,
-                ratio=t_ours / t_ref)  # fmt: skip
+    return [
+        _schema.row(op, shape, "float32", "softjac", t_ours, t_ref),
+        _schema.row(op, shape, "float32", "torch", t_ref, t_ref),
+    ]
 
 
 def time_softmax(shapes, min_run_time):
@@ -82,7 +88,7 @@ def time_softmax(shapes, min_run_time):
     for n, k in shapes:
         env = dict(z=torch.randn(n, k).requires_grad_(), g=torch.randn(n, k), torch=torch,
                    sj=softmax_last_autograd)  # fmt: skip
-        rows.append(_paired_row(
+        rows.extend(_paired_row(
             "softmax fwd+bwd", (n, k),
             ("z.grad = None; sj(z).backward(g)", env),
             ("z.grad = None; torch.softmax(z, -1).backward(g)", env),
@@ -96,7 +102,7 @@ def time_cross_entropy(shapes, min_run_time):
     for n, k in shapes:
         env = dict(z=torch.randn(n, k).requires_grad_(), t=torch.randint(0, k, (n,)), F=F,
                    sj=softjac)  # fmt: skip
-        rows.append(_paired_row(
+        rows.extend(_paired_row(
             "cross_entropy fwd+bwd", (n, k),
             ("z.grad = None; sj.cross_entropy(z, t).backward()", env),
             ("z.grad = None; F.cross_entropy(z, t).backward()", env),
@@ -125,7 +131,7 @@ def time_double_backward(shapes, min_run_time):
             ),
         ]:
             wi = w if name.startswith("softmax") else w[:, 0]
-            rows.append(_paired_row(
+            rows.extend(_paired_row(
                 name, (n, k),
                 (stmt, dict(z=z, w=wi, v=v, f=fo, torch=torch)),
                 (stmt, dict(z=z, w=wi, v=v, f=fr, torch=torch)),
@@ -169,11 +175,11 @@ def main(argv=None) -> int:
     )
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, float32, CPU, {'min' if _USE_MIN else 'median'} "
-          "time; ratio = softjac / torch")  # fmt: skip
+          "time; ratio = torch / softjac (> 1: softjac faster)")  # fmt: skip
     print(f"{'op':34s} {'shape':>14s} {'softjac ms':>11s} {'torch ms':>9s} {'ratio':>6s}")
-    for r in rows:
-        print(f"{r['op']:34s} {r['shape']!s:>14s} {r['softjac_ms']:11.3f} "
-              f"{r['torch_ms']:9.3f} {r['ratio']:6.2f}")  # fmt: skip
+    for r, b in zip(rows[::2], rows[1::2], strict=True):
+        print(f"{r['op']:34s} {'x'.join(map(str, r['shape'])):>14s} {r['median'] * 1e3:11.3f} "
+              f"{b['median'] * 1e3:9.3f} {r['ratio']:6.2f}")  # fmt: skip
     mem = hessian_memory()
     print(
         f"cross_entropy_hessian at (N, K) = {mem['shape']}: operator {mem['operator_bytes'] / 2**20:.1f}"
@@ -181,8 +187,7 @@ def main(argv=None) -> int:
         f"{mem['ratio']:.0f}x smaller"
     )
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(torch=torch.__version__, rows=rows, memory=mem), fh, indent=2)
+        _schema.write(args.json, rows, memory=mem)
     return 0
 
 

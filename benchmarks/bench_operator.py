@@ -11,12 +11,16 @@ products against the dense matmul), then times, with ``torch.utils.benchmark.Tim
 Usage::
 
     python benchmarks/bench_operator.py [--quick] [--json PATH] [--device cpu|cuda]
+
+``--json`` writes rows of the schema in ``benchmarks/_schema.py`` (per implementation: median,
+p20, p80 seconds over the timer's blocks, ratio = dense / softjac), the run's details under
+``meta``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -24,12 +28,22 @@ from datetime import datetime, timezone
 import torch
 from torch.utils import benchmark
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+import _schema
 from softjac import SoftmaxJacobian, _spectral
 
 
 def _median(stmt, globs, min_run_time):
     t = benchmark.Timer(stmt=stmt, globals=globs).blocked_autorange(min_run_time=min_run_time)
     return t.median, t
+
+
+def _schema_rows(op: str, shape: str, ours: list[float], dense: list[float]) -> list[dict]:
+    return [
+        _schema.row(op, shape, "float64", "softjac", ours, dense),
+        _schema.row(op, shape, "float64", "dense", dense, dense),
+    ]
 
 
 def _logits(batch, k, device, seed=0):
@@ -69,10 +83,12 @@ def run(quick: bool, device: torch.device) -> list[dict]:
         dense = op.to_dense()
         globs = {"op": op, "dense": dense, "torch": torch}
         sync = "; torch.cuda.synchronize()" if device.type == "cuda" else ""
-        ours, _ = _median("op.eigvalsh()" + sync, globs, mrt)
-        ref, _ = _median("torch.linalg.eigvalsh(dense)" + sync, globs, mrt)
+        ours, mo = _median("op.eigvalsh()" + sync, globs, mrt)
+        ref, md = _median("torch.linalg.eigvalsh(dense)" + sync, globs, mrt)
+        shape = f"{'×'.join(map(str, batch)) + ' × ' if batch else ''}K={k}"
         rows.append(
             {
+                "schema": _schema_rows(name, shape, mo.times, md.times),
                 "op": name,
                 "shape": f"{'×'.join(map(str, batch)) + ' × ' if batch else ''}K={k}",
                 "softjac_s": ours,
@@ -86,10 +102,11 @@ def run(quick: bool, device: torch.device) -> list[dict]:
     dense = op.to_dense()
     x = torch.randn(k, m, dtype=torch.float64, device=device)
     globs = {"op": op, "dense": dense, "x": x}
-    ours, _ = _median("op @ x", globs, mrt)
-    ref, _ = _median("dense @ x", globs, mrt)
+    ours, mo = _median("op @ x", globs, mrt)
+    ref, md = _median("dense @ x", globs, mrt)
     rows.append(
         {
+            "schema": _schema_rows("matmul", f"K={k}, m={m}", mo.times, md.times),
             "op": "matmul",
             "shape": f"K={k}, m={m}",
             "softjac_s": ours,
@@ -139,8 +156,7 @@ def main(argv=None) -> int:
             f"{r['dense_s'] * 1e3:>10.2f}ms{r['speedup']:>9.1f}×  {r['goal']}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        _schema.write(args.json, [x for r in rows for x in r["schema"]], meta=meta)
     return 0
 
 
