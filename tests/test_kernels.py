@@ -772,7 +772,7 @@ def nan_contract_cases(k: int, dtype: torch.dtype):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", (5, 40, 1000))
+@pytest.mark.parametrize("k", (5, 40, 600))
 def test_cpu_kernels_nan_contract(dtype, k):
     """NaN anywhere in a row (or a +inf logit) → the row all NaN; −inf masked; fully masked
     rows zeros: softmax forward, the VJPs (from σ, from logits with and without lse) and the
