@@ -24,7 +24,9 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import fcntl
+import hashlib
 import os
+import shutil
 import stat
 import threading
 import warnings
@@ -156,7 +158,9 @@ def _runtime_build(names: tuple[str, ...]) -> tuple[Path | None, str]:
     why = check_directory(root, allow_root=False)
     if why:
         return None, f"refusing the cache directory: {why}"
-    key = _cbuild.source_hash() + "-" + Path(cc).name
+    cc_path = shutil.which(cc) or cc  # the compiler's identity: its resolved path
+    cc_tag = hashlib.sha256(os.path.realpath(cc_path).encode()).hexdigest()[:8]
+    key = f"{_cbuild.source_hash()}-{Path(cc).name}-{cc_tag}"
     directory = root / f"build-{key}"
     lock_path = root / f"build-{key}.lock"
     try:
