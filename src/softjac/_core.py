@@ -25,6 +25,8 @@ Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "exp_parts",
     "from_last",
     "jacobian_logits_last",
+    "ldexp",
+    "pow2_exponent",
     "vjp_logits_last",
     "hessian_last",
     "hvp_last",
@@ -68,9 +72,36 @@ def masked_scaled_logits(
 
 
 def _safe_max(z: torch.Tensor) -> torch.Tensor:
-    """Row maximum (keepdim) with non-finite maxima (fully masked rows) replaced by 0."""
+    """Row maximum (keepdim) with a −inf maximum (a fully masked row) replaced by 0.
+
+    A +inf or NaN maximum is kept, so that ``z − max z`` is NaN in every entry of such a row
+    (``inf − inf``) and σ, log σ and every product are NaN there, as ``torch.softmax`` gives.
+    """
     m = z.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def pow2_exponent(x: torch.Tensor) -> torch.Tensor:
+    """A power-of-two exponent ``e`` per row (keepdim, in ``x``'s dtype) with
+    ``max|x| · 2^−e`` in [1, 2), for scaling a row before a reduction.
+
+    0 for a row that is all zero or has a non-finite entry (nothing to scale). ``e`` is capped
+    so that ``2^±e`` stay normal numbers: rows far below the normal range are scaled up as far
+    as that allows. Scaling by ``2^−e`` is exact (entries below ``2^−e_max`` times the row's
+    largest, which cannot matter at working precision, may underflow).
+    """
+    m = x.abs().amax(dim=-1, keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    e = torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))
+    cap = float(max(int(math.log2(torch.finfo(x.dtype).max)) - 23, 0))
+    return e.clamp(min=-cap, max=cap)
+
+
+def ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x · 2^e`` for integral ``e`` (a float tensor, broadcast), exact unless the result
+    over- or underflows; in two factors so that ``2^e`` itself never leaves the float range."""
+    h = torch.floor(e / 2)
+    return x * torch.exp2(h) * torch.exp2(e - h)
 
 
 def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -82,10 +113,10 @@ def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
 
 def logsumexp_last(z: torch.Tensor) -> torch.Tensor:
     """``lse(z) = max z + log Σ exp(z − max z)`` (keepdim); ``+inf`` for a fully masked row, so
-    that ``exp(z − lse)`` is 0 there rather than NaN."""
+    that ``exp(z − lse)`` is 0 there rather than NaN; NaN for a row with a NaN or +inf entry."""
     m = _safe_max(z)
     s = (z - m).exp().sum(dim=-1, keepdim=True)
-    return torch.where(s > 0, m + s.log(), torch.full_like(s, float("inf")))
+    return torch.where(s == 0, torch.full_like(s, float("inf")), m + s.log())
 
 
 def to_last(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -105,7 +136,7 @@ def _shifted_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     shifted = z - _safe_max(z)
     e = shifted.exp()
     s = e.sum(dim=-1, keepdim=True)
-    return shifted, e, torch.where(s > 0, s, torch.ones_like(s))
+    return shifted, e, torch.where(s == 0, torch.ones_like(s), s)
 
 
 def softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -144,7 +175,9 @@ def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v = p ⊙ (v − ⟨p, v⟩)`` with ``J = diag(p) − p pᵀ``; O(K) per row, J never formed.
 
     The argmax entry is ``p_{i*} Σ_{j≠i*} p_j (v_{i*} − v_j)`` (no cancellation). J is
-    symmetric, so this is both the VJP and the JVP.
+    symmetric, so this is both the VJP and the JVP. ``v`` is scaled by a power of two around
+    the reductions (see :func:`centred_last`), so the result is finite whenever the exact one
+    is representable (``|J v| ≤ max|v|/2``).
     """
     return p * centred_last(p, v)
 
@@ -152,11 +185,16 @@ def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def centred_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``v − ⟨p, v⟩`` with the argmax entry taken as ``Σ_{j≠i*} p_j (v_{i*} − v_j)`` (equal when
     Σp = 1, without cancellation): the factor that :func:`vjp_last` multiplies by ``p`` and the
-    square-root factor's transpose by ``√p``."""
+    square-root factor's transpose by ``√p``.
+
+    ``v`` is scaled by ``2^−e`` (:func:`pow2_exponent`) before the sums and the result by
+    ``2^e`` after, so ``v_{i*} − v_j`` cannot overflow inside for |v| near the largest float."""
+    e = pow2_exponent(v)
+    v = ldexp(v, -e)
     s = (p * v).sum(dim=-1, keepdim=True)
     idx = argmax_index(p)
     t = (p * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return (v - s).scatter(-1, idx, t)
+    return ldexp((v - s).scatter(-1, idx, t), e)
 
 
 def jacobian_last(p: torch.Tensor) -> torch.Tensor:
@@ -169,24 +207,32 @@ def jacobian_last(p: torch.Tensor) -> torch.Tensor:
     return jac
 
 
-def log_softmax_jacobian_last(p: torch.Tensor) -> torch.Tensor:
-    """Dense ``∂ log σ / ∂z = I − 1 pᵀ`` restricted to the support (rows of entries with
-    ``p_i = 0`` are zero: ``log σ_i = −∞`` is constant there); O(K²) per row.
+def log_softmax_jacobian_last(p: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``∂ log σ / ∂z = I − 1 pᵀ`` restricted to the support; O(K²) per row.
 
-    The diagonal entry of the argmax, ``1 − p_{i*}``, is taken as ``Σ_{j≠i*} p_j``.
+    ``support`` (boolean, p's shape) marks the entries whose logit is not masked (not −inf):
+    their rows are ``e_i − p`` even where ``p_i`` underflowed to 0 (``log σ_i`` is finite and
+    moves with z); rows outside it are zero (``log σ_i = −∞`` is constant). Without
+    ``support``: the entries with ``p_i > 0``. The diagonal entry of the argmax, ``1 − p_{i*}``,
+    is taken as ``Σ_{j≠i*} p_j``.
     """
-    keep = (p > 0).to(p.dtype)
+    keep = (p > 0 if support is None else support).to(p.dtype)
     out = -(keep.unsqueeze(-1) * p.unsqueeze(-2))
     out.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p) * keep)
     return out
 
 
 def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(∇² ⟨w, σ⟩) v = b ⊙ v − b ⟨p, v⟩ − p ⟨b, v⟩`` with ``b = J w``; O(K) per row."""
+    """``(∇² ⟨w, σ⟩) v = b ⊙ v − b ⟨p, v⟩ − p ⟨b, v⟩`` with ``b = J w``; O(K) per row.
+
+    ``w`` and ``v`` are each scaled by a power of two first (and the result back), so nothing
+    overflows inside while the result is representable."""
+    ew, ev = pow2_exponent(w), pow2_exponent(v)
+    w, v = ldexp(w, -ew), ldexp(v, -ev)  # exact power-of-two scaling: no overflow inside
     b = vjp_last(p, w)
     pv = (p * v).sum(dim=-1, keepdim=True)
     bv = (b * v).sum(dim=-1, keepdim=True)
-    return b * v - b * pv - p * bv
+    return ldexp(b * v - b * pv - p * bv, ew + ev)
 
 
 def hessian_last(p: torch.Tensor) -> torch.Tensor:
@@ -197,9 +243,8 @@ def hessian_last(p: torch.Tensor) -> torch.Tensor:
     jac = jacobian_last(p)
     lsj = -p.unsqueeze(-2).expand(jac.shape).clone()  # [i, k] = δ_ik − p_k
     lsj.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p))
-    first = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
-    second = p[..., :, None, None] * jac.unsqueeze(-3)  # [i, j, k] = p_i J_jk
-    return first - second
+    out = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
+    return out.sub_(p[..., :, None, None] * jac.unsqueeze(-3))  # − p_i J_jk (one temporary)
 
 
 def exp_parts(z: torch.Tensor):
@@ -214,7 +259,7 @@ def exp_parts(z: torch.Tensor):
     idx = argmax_index(z)
     r = e.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
     s = e.gather(-1, idx) + r
-    return e, idx, r, torch.where(s > 0, s, torch.ones_like(s))
+    return e, idx, r, torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _div_s2(y: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -228,12 +273,15 @@ def vjp_logits_last(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v`` from logits (last dim) with ``σ`` kept unrounded; O(K) per row.
 
     ``(J v)_i = e_i u_i / S²`` with ``u_i = v_i S − Σ_j e_j v_j`` and, for the argmax,
-    ``u_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j)`` (no cancellation).
+    ``u_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j)`` (no cancellation). ``v`` is scaled by a power
+    of two before the sums and the result back after (finite wherever the exact ``J v`` is).
     """
     e, idx, r, s = exp_parts(z)
+    ev = pow2_exponent(v)
+    v = ldexp(v, -ev)  # exact scaling: v_i S cannot overflow for |v| near the largest float
     u = v * s - (e * v).sum(dim=-1, keepdim=True)
     q = (e * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return _div_s2(e * u.scatter(-1, idx, q), r, s)
+    return ldexp(_div_s2(e * u.scatter(-1, idx, q), r, s), ev)
 
 
 def jacobian_logits_last(z: torch.Tensor) -> torch.Tensor:
