@@ -6,7 +6,7 @@ and knows nothing of autograd, ``dim`` handling or validation. These are the pur
 implementations; ``softjac.kernels`` provides fused versions of the hot ones and is tested
 against these.
 
-Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
+Accuracy (``docs/math.md``, "Accuracy on extreme logits"):
 
 * ``σ = exp(z − lse(z))`` with masked (−inf) entries giving exactly 0 and a fully masked
   slice giving all zeros (the log-sum-exp of an empty slice is replaced by 0, never −inf).
@@ -37,6 +37,7 @@ __all__ = [
     "jacobian_logits_last",
     "ldexp",
     "pow2_exponent",
+    "scale_pow2",
     "vjp_logits_last",
     "hessian_last",
     "hvp_last",
@@ -81,27 +82,48 @@ def _safe_max(z: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def pow2_exponent(x: torch.Tensor) -> torch.Tensor:
-    """A power-of-two exponent ``e`` per row (keepdim, in ``x``'s dtype) with
-    ``max|x| · 2^−e`` in [1, 2), for scaling a row before a reduction.
+def pow2_exponent(x: torch.Tensor, *, normalise: bool = False) -> torch.Tensor:
+    """A power-of-two exponent ``e`` per row (keepdim, in ``x``'s dtype) for scaling the row
+    by ``2^−e`` before a reduction over K entries, so that nothing in it overflows or loses
+    digits to gradual underflow.
 
-    0 for a row that is all zero or has a non-finite entry (nothing to scale). ``e`` is capped
-    so that ``2^±e`` stay normal numbers: rows far below the normal range are scaled up as far
-    as that allows. Scaling by ``2^−e`` is exact (entries below ``2^−e_max`` times the row's
-    largest, which cannot matter at working precision, may underflow).
+    Only as much as needed: a row whose largest entry is below 1 is scaled up to [1, 2) (its
+    small entries gain their lost digits back), a row whose largest entry is within a factor
+    ``8K`` of the overflow threshold is scaled down just below it, and any other row is left
+    alone (``e = 0``, so small entries next to large ones keep their digits). 0 for a row
+    that is all zero or has a non-finite entry. ``|e|`` stays below the dtype's largest
+    exponent, so ``2^±e`` are normal numbers and the scaling is exact.
+
+    With ``normalise`` every row is brought to a largest entry in [1, 2) (for products of
+    the row with other large factors, or squares, which the cautious default would let
+    overflow); ``e`` then spans the whole exponent range: scale with :func:`ldexp`.
     """
     m = x.abs().amax(dim=-1, keepdim=True)
     ok = torch.isfinite(m) & (m > 0)
-    e = torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))
-    cap = float(max(int(math.log2(torch.finfo(x.dtype).max)) - 23, 0))
-    return e.clamp(min=-cap, max=cap)
+    lg = torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))
+    top = math.floor(math.log2(torch.finfo(x.dtype).max))  # 1023 / 127
+    hi = float(top - 3 - max(math.ceil(math.log2(max(x.shape[-1], 1))), 0))
+    if normalise:
+        return lg
+    up = lg.clamp(min=-(top - 24), max=0.0)
+    down = (lg - hi).clamp_min(0.0)
+    return up + down
 
 
 def ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """``x · 2^e`` for integral ``e`` (a float tensor, broadcast), exact unless the result
-    over- or underflows; in two factors so that ``2^e`` itself never leaves the float range."""
-    h = torch.floor(e / 2)
-    return x * torch.exp2(h) * torch.exp2(e - h)
+    over- or underflows, for any ``e``: in three factors of at most the dtype's largest
+    exponent each (beyond three of those every nonzero float over- or underflows anyway)."""
+    cap = float(math.floor(math.log2(torch.finfo(x.dtype).max)) - 1)
+    e = e.clamp(-3 * cap, 3 * cap)
+    a = torch.floor(e / 3)
+    b = torch.floor((e - a) / 2)
+    return x * torch.exp2(a) * torch.exp2(b) * torch.exp2(e - a - b)
+
+
+def scale_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x · 2^e`` for ``|e|`` within the cap of :func:`pow2_exponent` (one exact product)."""
+    return x * torch.exp2(e)
 
 
 def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -190,11 +212,11 @@ def centred_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     ``v`` is scaled by ``2^−e`` (:func:`pow2_exponent`) before the sums and the result by
     ``2^e`` after, so ``v_{i*} − v_j`` cannot overflow inside for |v| near the largest float."""
     e = pow2_exponent(v)
-    v = ldexp(v, -e)
+    v = scale_pow2(v, -e)
     s = (p * v).sum(dim=-1, keepdim=True)
     idx = argmax_index(p)
     t = (p * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return ldexp((v - s).scatter(-1, idx, t), e)
+    return scale_pow2((v - s).scatter(-1, idx, t), e)
 
 
 def jacobian_last(p: torch.Tensor) -> torch.Tensor:
@@ -227,8 +249,8 @@ def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
     ``w`` and ``v`` are each scaled by a power of two first (and the result back), so nothing
     overflows inside while the result is representable."""
-    ew, ev = pow2_exponent(w), pow2_exponent(v)
-    w, v = ldexp(w, -ew), ldexp(v, -ev)  # exact power-of-two scaling: no overflow inside
+    ew, ev = pow2_exponent(w, normalise=True), pow2_exponent(v, normalise=True)
+    w, v = ldexp(w, -ew), ldexp(v, -ev)  # exact scaling: nothing over- or underflows inside
     b = vjp_last(p, w)
     pv = (p * v).sum(dim=-1, keepdim=True)
     bv = (b * v).sum(dim=-1, keepdim=True)
@@ -238,7 +260,7 @@ def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def hessian_last(p: torch.Tensor) -> torch.Tensor:
     """``H[..., i, j, k] = ∂²σ_i / ∂z_j ∂z_k = J_ij (δ_ik − p_k) − p_i J_jk``; O(K³) per row.
 
-    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``shared/MATH.md``.)
+    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``docs/math.md``, Derivatives.)
     """
     jac = jacobian_last(p)
     lsj = -p.unsqueeze(-2).expand(jac.shape).clone()  # [i, k] = δ_ik − p_k
@@ -278,10 +300,10 @@ def vjp_logits_last(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """
     e, idx, r, s = exp_parts(z)
     ev = pow2_exponent(v)
-    v = ldexp(v, -ev)  # exact scaling: v_i S cannot overflow for |v| near the largest float
+    v = scale_pow2(v, -ev)  # exact scaling: v_i S cannot overflow for |v| near the largest float
     u = v * s - (e * v).sum(dim=-1, keepdim=True)
     q = (e * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return ldexp(_div_s2(e * u.scatter(-1, idx, q), r, s), ev)
+    return scale_pow2(_div_s2(e * u.scatter(-1, idx, q), r, s), ev)
 
 
 def jacobian_logits_last(z: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 ``J = diag(σ) − σσᵀ`` is diagonal minus rank one and singular by construction. The operator
 stores σ (and log σ) only — O(K) memory per slice — and implements every operation as a
 closed form on σ (O(K)) or through the secular-equation eigen-solver of
-:mod:`softjac._spectral` (O(K²)); ``to_dense()`` exists for checking and small K. Formulas
-and accuracy arguments: ``docs/operator.md``.
+:mod:`softjac._spectral` (O(K²)); ``to_dense()`` exists for checking and small K. Formulas:
+``docs/math.md`` ("Closed forms", "Spectrum").
 
 Conventions (as in :mod:`softjac._functional`): ``dim`` is moved last, so the operator is the
 batch ``(*batch, K, K)``; ``mask`` True keeps an entry, ``-inf`` logits are masked too;
@@ -74,7 +74,7 @@ def _nan_rows(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
 def _scaled_norm(x: torch.Tensor) -> torch.Tensor:
     """2-norm over the last dim (keepdim) with the row scaled by a power of two first, so that
     squares of entries near the under- or overflow threshold cannot spoil it."""
-    e = _core.pow2_exponent(x).detach()
+    e = _core.pow2_exponent(x, normalise=True).detach()
     return _core.ldexp(torch.linalg.vector_norm(_core.ldexp(x, -e), dim=-1, keepdim=True), e)
 
 
@@ -474,12 +474,15 @@ class SoftmaxJacobian(_Structured):
         mu, p = self._damping_mu(fn, damping), self._p
 
         def op(pp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ev = _core.pow2_exponent(
+                v, normalise=True
+            )  # b scaled by a power of two: u cannot overflow inside
             d = pp + mu
-            u = v / d
+            u = _core.ldexp(v, -ev) / d
             w = pp / d
             den = mu * w.sum(-1, keepdim=True)
             den = torch.where(den > 0, den, torch.ones_like(den))
-            return u + w * ((pp * u).sum(-1, keepdim=True) / den)
+            return _core.ldexp(u + w * ((pp * u).sum(-1, keepdim=True) / den), ev)
 
         out = _apply(fn, p, b, op)
         return out if self._t == 1.0 else out * self._t
@@ -596,7 +599,7 @@ class SoftmaxJacobianPinv(_Structured):
     def _op(self, p: torch.Tensor, v: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
         sup, n, a, e = self._parts(p, lp)
         zero = torch.zeros_like(v)
-        ev = _core.pow2_exponent(v)
+        ev = _core.pow2_exponent(v, normalise=True)
         y = torch.where(sup, _core.ldexp(v, -ev), zero)
         y = torch.where(sup, y - y.sum(-1, keepdim=True) / n, zero)
         u = y * a
@@ -693,7 +696,7 @@ class SoftmaxJacobianSqrtFactor(_Structured):
     @staticmethod
     def _s(p: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         # (S v)_i = √σ_i v_i − σ_i Σ_j √σ_j v_j; argmax: √σ v (1 − σ) − σ Σ_{j≠i*} √σ_j v_j.
-        ev = _core.pow2_exponent(v)
+        ev = _core.pow2_exponent(v, normalise=True)
         rv = r * _core.ldexp(v, -ev)
         out = rv - p * rv.sum(-1, keepdim=True)
         idx = _core.argmax_index(p)
@@ -821,7 +824,7 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
     @staticmethod
     def _l(p, v, diag, beta):
         # exclusive prefix sums by shifting (not cumsum − term, which cancels when β is huge)
-        ev = _core.pow2_exponent(v)
+        ev = _core.pow2_exponent(v, normalise=True)
         v = _core.ldexp(v, -ev)
         csum = torch.cumsum(beta * v, -1)
         excl = torch.cat([torch.zeros_like(csum[..., :1]), csum[..., :-1]], dim=-1)
@@ -829,7 +832,7 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
 
     @staticmethod
     def _lt(p, v, diag, beta):
-        ev = _core.pow2_exponent(v)
+        ev = _core.pow2_exponent(v, normalise=True)
         v = _core.ldexp(v, -ev)
         rsum = torch.flip(torch.cumsum(torch.flip(p * v, [-1]), -1), [-1])
         rexcl = torch.cat([rsum[..., 1:], torch.zeros_like(rsum[..., :1])], dim=-1)
