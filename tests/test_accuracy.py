@@ -240,3 +240,26 @@ def test_nan_and_posinf_slices_give_nan_in_dense_and_second_order(bad):
     ):
         assert torch.isnan(out[0]).all(), name
         assert torch.isfinite(out[1]).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_power_of_two_scaling_helpers(dtype):
+    from softjac import _core
+
+    fi = torch.finfo(dtype)
+    sub = 2.0 ** (-1074 if dtype == torch.float64 else -149)
+    x = torch.tensor([[fi.max, -fi.max / 3], [sub, 3 * sub], [1e-3, 2.5], [0.0, 0.0]], dtype=dtype)
+    # the cautious exponent: scale down only near overflow, up only below 1, else leave alone
+    e = _core.pow2_exponent(x)
+    assert e[0].item() > 0 and e[2].item() == 0 and e[3].item() == 0
+    assert e[1].item() < 0
+    # normalising: every nonzero row to a largest entry in [1/2, 2) (log2 rounds), exactly
+    en = _core.pow2_exponent(x, normalise=True)
+    y = _core.ldexp(x, -en)
+    top = y.abs().amax(-1)
+    assert ((top[:3] >= 0.5) & (top[:3] < 2)).all() and top[3] == 0
+    assert torch.equal(_core.ldexp(y, en), x)  # exact both ways, subnormals included
+    # ldexp of any exponent never makes NaN: 0 stays 0, others saturate to ±inf or 0
+    big = torch.tensor([[1e6], [-1e6]], dtype=dtype)
+    out = _core.ldexp(torch.tensor([[0.0, 1.0, -1.0]] * 2, dtype=dtype), big)
+    assert out.tolist() == [[0.0, math.inf, -math.inf], [0.0, 0.0, -0.0]]

@@ -87,14 +87,14 @@ def pow2_exponent(x: torch.Tensor, *, normalise: bool = False) -> torch.Tensor:
     by ``2^−e`` before a reduction over K entries, so that nothing in it overflows or loses
     digits to gradual underflow.
 
-    Only as much as needed: a row whose largest entry is below 1 is scaled up to [1, 2) (its
-    small entries gain their lost digits back), a row whose largest entry is within a factor
-    ``8K`` of the overflow threshold is scaled down just below it, and any other row is left
+    Only as much as needed: a row whose largest entry is below 1 is scaled up to about 1
+    (its small entries gain their lost digits back), a row whose largest entry is within a
+    factor ``8K`` of the overflow threshold is scaled down below it, and any other row is left
     alone (``e = 0``, so small entries next to large ones keep their digits). 0 for a row
     that is all zero or has a non-finite entry. ``|e|`` stays below the dtype's largest
     exponent, so ``2^±e`` are normal numbers and the scaling is exact.
 
-    With ``normalise`` every row is brought to a largest entry in [1, 2) (for products of
+    With ``normalise`` every row is brought to a largest entry in [1/2, 2) (for products of
     the row with other large factors, or squares, which the cautious default would let
     overflow); ``e`` then spans the whole exponent range: scale with :func:`ldexp`.
     """
