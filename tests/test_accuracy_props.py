@@ -38,7 +38,7 @@ from ._operator_helpers import mp_eigvals
 F64, F32 = torch.float64, torch.float32
 DPS = 50
 
-#: C_q per quantity: the asserted constant (about twice the worst case measured over 600
+#: C_q per quantity: the asserted constant (about twice the worst case measured over 900
 #: drawn cases, see docs/operator.md).
 BOUNDS = {
     "softmax": 2.0,
