@@ -1,8 +1,9 @@
 """Property test: every public quantity against mpmath, on logits at the float extremes.
 
 Hypothesis draws float64 and float32 logits with K = 1 … 6, spreads from 0 to 1e4, common
-offsets up to 1e8 (and ±1e300 / 1e30, where the spread rounds away into ties), exact ties, masked (−inf) entries and fully masked slices, and vectors
-from the subnormal to the overflow range. Each quantity is compared with a 50-digit mpmath
+offsets up to 1e8 (and −1e300 in float64, 1e30 in float32, where the spread rounds into
+ties), exact ties, masked (−inf) entries and fully masked slices, and vectors from the
+subnormal to the overflow range. Each quantity is compared with a 50-digit mpmath
 evaluation of its formula from the same (rounded) logits, and must satisfy
 
     |x̂ − x| ≤ C_q · ε · (1 + Δ) · s + F
