@@ -33,6 +33,12 @@ def _seed_torch():
 
 
 def pytest_collection_modifyitems(config, items):
+    if "slow" not in (config.getoption("-m") or ""):
+        # slow tests run only when asked for: `pytest -m slow`
+        skip_slow = pytest.mark.skip(reason="slow: run with `-m slow`")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -1,7 +1,7 @@
 """Golden accuracy tests: every entry relative to its own size, against mpmath at 50 digits.
 
 The bound for an entry x is ``|x̂ − x| ≤ c · eps · (1 + Δ) · scale + tiny`` where Δ is the
-largest finite ``|z_i − max z| / T`` (the inherent error of any method, ``shared/MATH.md``),
+largest finite ``|z_i − max z| / T`` (the inherent error of any method, ``docs/math.md``),
 ``scale`` is ``|x|`` for σ and J and the sum of the magnitudes of the terms of the entry for
 ``J v``, and ``tiny`` (1e-300) only forgives float64 underflow.
 """
@@ -120,3 +120,146 @@ def test_float32_relative_accuracy(dtype):
     eps32 = torch.finfo(dtype).eps
     for g, x, s in zip(softjac.vjp(zt, v).tolist(), exact, scale, strict=True):
         assert abs(g - float(x)) <= 8 * eps32 * 26 * float(s)
+
+
+# ---------------------------------------------------------------- support from the logits
+@pytest.mark.parametrize(
+    "dtype, gap", [(torch.float32, 120.0), (torch.float32, 105.0), (torch.float64, 800.0)]
+)
+def test_log_softmax_jacobian_keeps_underflowed_support(dtype, gap):
+    # σ_1 = e^-gap underflows to 0, but log σ_1 is finite and moves: row 1 is e_1 − σ
+    got = softjac.log_softmax_jacobian(torch.tensor([0.0, -gap], dtype=dtype))
+    assert got.tolist() == [[0.0, 0.0], [-1.0, 1.0]]
+
+
+def test_log_softmax_jacobian_entries_against_mpmath():
+    # float32 gaps beyond the exp range of σ (and subnormal σ) next to ordinary entries
+    z = [0.0, -1.0, -90.0, -104.0, -120.0, float("-inf"), 2.5]
+    got = softjac.log_softmax_jacobian(torch.tensor(z))
+    p = _mp.softmax(z)
+    eps32 = torch.finfo(torch.float32).eps
+    tiny32 = torch.finfo(torch.float32).tiny
+    for i in range(len(z)):
+        for j in range(len(z)):
+            if z[i] == -INF:
+                want = 0  # a masked row does not move
+            elif i == j:
+                want = sum(p[k] for k in range(len(z)) if k != i)  # 1 − σ_i
+            else:
+                want = -p[j]
+            err = abs(got[i, j].item() - float(want))
+            assert err <= 8 * eps32 * (1 + 3) * abs(float(want)) + tiny32 * eps32, (i, j)
+
+
+# ---------------------------------------------------------------- scaled products
+def test_vjp_with_cotangent_near_overflow_is_finite_and_exact():
+    # |v| near the largest float: v_i·S and v_i* − v_j would overflow without the scaling
+    z = [0.0, -1.2]
+    v = [1.7e308, -1.7e308]
+    want, _ = _mp.jvp(z, v)
+    for fn in (softjac.vjp, softjac.jvp):
+        got = fn(torch.tensor(z, dtype=torch.float64), torch.tensor(v, dtype=torch.float64))
+        assert torch.isfinite(got).all()
+        for g, w in zip(got.tolist(), want, strict=True):
+            assert abs(g - float(w)) <= 4 * EPS * abs(float(w)), (g, w)
+    # float32 likewise (3.4e38)
+    got = softjac.vjp(torch.tensor(z), torch.tensor([3.3e38, -3.3e38]))
+    want, _ = _mp.jvp(z, [3.3e38, -3.3e38])
+    eps32 = torch.finfo(torch.float32).eps
+    for g, w in zip(got.tolist(), want, strict=True):
+        assert abs(g - float(w)) <= 8 * eps32 * abs(float(w)), (g, w)
+
+
+def test_vjp_with_subnormal_cotangent_keeps_its_digits():
+    z = [0.0, -0.5, 1.0]
+    v = [3e-310, -1e-310, 2e-311]
+    want, scale = _mp.jvp(z, v)
+    got = softjac.vjp(torch.tensor(z, dtype=torch.float64), torch.tensor(v, dtype=torch.float64))
+    for g, w, s in zip(got.tolist(), want, scale, strict=True):
+        # subnormal results: one unit of the smallest subnormal is the floor
+        assert abs(g - float(w)) <= 8 * EPS * float(s) + 5e-324 * 4, (g, w)
+
+
+def _mp_hvp(z, w, v):
+    """(∇²⟨w, σ⟩) v = b⊙v − b⟨σ,v⟩ − σ⟨b,v⟩, b = J w, at 50 digits."""
+    p = _mp.softmax(z)
+    k = len(z)
+    with _mp.mp.workdps(_mp.DPS):
+        ws = [_mp.mp.mpf(x) for x in w]
+        vs = [_mp.mp.mpf(x) for x in v]
+        sw = _mp.mp.fsum(p[i] * ws[i] for i in range(k))
+        b = [p[i] * (ws[i] - sw) for i in range(k)]
+        pv = _mp.mp.fsum(p[i] * vs[i] for i in range(k))
+        bv = _mp.mp.fsum(b[i] * vs[i] for i in range(k))
+        return [b[i] * vs[i] - b[i] * pv - p[i] * bv for i in range(k)]
+
+
+def test_hvp_with_large_and_tiny_vectors_is_finite_and_exact():
+    z = [0.3, -1.0, 0.8]
+    cases = (
+        ([1.7e308, -1.7e308, 0.5e308], [0.3, 0.1, -0.2]),
+        ([0.5, -1.0, 2.0], [1.5e308, -1.7e308, 1e308]),
+        ([1e-200, 3e-200, 0.0], [1e-170, -1e-170, 2e-170]),
+    )
+    for w, v in cases:
+        want = _mp_hvp(z, w, v)
+        got = softjac.hvp(*(torch.tensor(x, dtype=torch.float64) for x in (z, w, v)))
+        assert torch.isfinite(got).all()
+        size = max(abs(float(x)) for x in want)
+        for g, x in zip(got.tolist(), want, strict=True):
+            assert abs(g - float(x)) <= 32 * EPS * size, (g, x)
+
+
+def test_temperature_that_underflows_the_dtype_is_refused():
+    z = torch.tensor([1.0, 0.0])
+    for call in (
+        lambda: softjac.softmax(z, temperature=1e-46),
+        lambda: softjac.jacobian(z, temperature=1e-40),
+        lambda: softjac.vjp(z, z, temperature=1e-40),
+        lambda: softjac.log_softmax_jacobian(z.half(), temperature=1e-39),
+    ):
+        with pytest.raises(ValueError, match=r"`temperature` must be at least the smallest normal"):
+            call()
+    # at the smallest normal float32 it works and σ sums to 1
+    p = softjac.softmax(z, temperature=torch.finfo(torch.float32).tiny)
+    assert p.tolist() == [1.0, 0.0]
+    p = softjac.softmax(z.double(), temperature=1e-46)  # float64 holds 1e-46: fine
+    assert p.tolist() == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_posinf_slices_give_nan_in_dense_and_second_order(bad):
+    z = torch.tensor([[0.0, bad, 1.0], [0.0, 1.0, -INF]], dtype=torch.float64)
+    w = torch.ones_like(z)
+    v = torch.arange(6.0, dtype=torch.float64).reshape(2, 3)
+    for name, out in (
+        ("log_softmax_jacobian", softjac.log_softmax_jacobian(z)),
+        ("hessian", softjac.hessian(z)),
+        ("hvp", softjac.hvp(z, w, v)),
+    ):
+        assert torch.isnan(out[0]).all(), name
+        assert torch.isfinite(out[1]).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_power_of_two_scaling_helpers(dtype):
+    from softjac import _core
+
+    fi = torch.finfo(dtype)
+    sub = 2.0 ** (-1074 if dtype == torch.float64 else -149)
+    x = torch.tensor([[fi.max, -fi.max / 3], [sub, 3 * sub], [1e-3, 2.5], [0.0, 0.0]], dtype=dtype)
+    # the cautious exponent: scale down only near overflow, up only below 1, else leave alone
+    e = _core.pow2_exponent(x)
+    assert e[0].item() > 0 and e[2].item() == 0 and e[3].item() == 0
+    assert e[1].item() < 0
+    # normalising: every nonzero row to a largest entry in [1/2, 2) (log2 rounds), exactly
+    en = _core.pow2_exponent(x, normalise=True)
+    y = _core.ldexp(x, -en)
+    top = y.abs().amax(-1)
+    assert ((top[:3] >= 0.5) & (top[:3] < 2)).all() and top[3] == 0
+    assert torch.equal(_core.ldexp(y, en), x)  # exact both ways, subnormals included
+    # ldexp of any exponent never makes NaN: 0 stays 0, others saturate to ±inf or 0
+    big = torch.tensor([[1e6], [-1e6]], dtype=dtype)
+    out = _core.ldexp(torch.tensor([[0.0, 1.0, -1.0]] * 2, dtype=dtype), big)
+    assert out.tolist() == [[0.0, math.inf, -math.inf], [0.0, 0.0, -0.0]]

@@ -212,3 +212,34 @@ def test_half_inputs_compute_in_float32(dtype):
 def test_device_preserved_meta_free():
     z = torch.randn(2, 3)
     assert softjac.vjp(z, z).device == z.device
+
+
+def test_dense_functions_share_one_memory_guard():
+    import re
+
+    z = torch.randn(4, 30, dtype=torch.float64)
+    calls = {
+        "softjac.jacobian": lambda mb: softjac.jacobian(z, max_bytes=mb),
+        "softjac.log_softmax_jacobian": lambda mb: softjac.log_softmax_jacobian(z, max_bytes=mb),
+        "softjac.hessian": lambda mb: softjac.hessian(z, max_bytes=mb),
+    }
+    for fn, call in calls.items():
+        with pytest.raises(ValueError, match=re.escape(f"`{fn}`: the dense result of shape")):
+            call(1000)
+        with pytest.raises(TypeError, match=re.escape(f"`{fn}`: `max_bytes` must be an int")):
+            call("x")
+        with pytest.raises(TypeError, match=re.escape(f"`{fn}`: `max_bytes` must be an int")):
+            call(True)
+        with pytest.raises(ValueError, match=re.escape(f"`{fn}`: `max_bytes` must be > 0")):
+            call(-5)
+        assert call(2**30).dtype == torch.float64
+
+
+def test_hessian_guard_counts_its_temporary():
+    # the result (4·30³·8 bytes = 864000) fits in 1e6 bytes, but not with the temporary of
+    # its size that the product needs
+    z = torch.randn(4, 30, dtype=torch.float64)
+    need = 4 * 30**3 * 8
+    with pytest.raises(ValueError, match=r"with 1 temporary of its size"):
+        softjac.hessian(z, max_bytes=need + 1000)
+    assert softjac.hessian(z, max_bytes=2 * need).shape == (4, 30, 30, 30)

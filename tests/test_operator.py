@@ -224,8 +224,9 @@ class TestAgainstDense:
 
 
 def _mp_case(name):
+    # the support is every unmasked entry, also where σ underflows in float64
     z = ADVERSARIAL[name]
-    p = stored_support(mp_softmax(z))
+    p = mp_softmax(z)
     return z, p, SoftmaxJacobian(torch.tensor(z, dtype=F64))
 
 
@@ -368,7 +369,7 @@ def test_log_pdet_finite_where_product_underflows():
     assert torch.softmax(z, -1).prod() == 0
     lp = op.log_pdet().item()
     assert math.isfinite(lp)
-    want = mp_log_pdet(stored_support(mp_softmax(z.tolist())))
+    want = mp_log_pdet(mp_softmax(z.tolist()))
     assert abs(mp.mpf(lp) - want) <= 1e-11 * abs(want)
 
 
@@ -451,3 +452,237 @@ def test_to_scipy_without_scipy(monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)
     with pytest.raises(ImportError, match="pip install scipy"):
         SoftmaxJacobian(torch.zeros(3)).to_scipy()
+
+
+# ---------------------------------------------------------------- support from the logits
+def test_log_pdet_keeps_underflowed_support():
+    # σ of the three small entries is e^-1000 (0 in float64), but they are in the support
+    op = SoftmaxJacobian(torch.tensor([1000.0, 0.0, 0.0, 0.0], dtype=F64))
+    assert (op.probs[1:] == 0).all()
+    want = mp.log(4) - 3000
+    assert rel_err(op.log_pdet().item(), want) <= 2 * 2.0**-52
+    assert rel_err(op.log_pdet().item(), mp_log_pdet(mp_softmax([1000.0, 0.0, 0.0, 0.0]))) < 1e-15
+    # float32: the same from float32 log-softmax
+    op32 = SoftmaxJacobian(torch.tensor([1000.0, 0.0, 0.0, 0.0]))
+    assert rel_err(op32.log_pdet().item(), want) <= 2 * 2.0**-23
+
+
+def test_pinv_with_underflowed_support_is_exact_or_overflows_honestly():
+    # σ_1 = e^-700 / (1 + e^-700) is representable: 1/σ_1 ≈ 1.0e304 and the entries are exact
+    z = [0.0, -700.0, -1.0]
+    got = SoftmaxJacobian(torch.tensor(z, dtype=F64)).pinv().to_dense()
+    want = mp_pinv(mp_softmax(z))
+    for i in range(3):
+        for j in range(3):
+            assert rel_err(got[i, j].item(), want[i, j]) <= 1e-12, (i, j)
+    # σ_1 = e^-800 underflows: the exact entries involving 1/σ_1 ≈ e^800 overflow → ±inf with
+    # the right signs, never NaN
+    z = [0.0, -800.0, -1.0]
+    got = SoftmaxJacobian(torch.tensor(z, dtype=F64)).pinv().to_dense()
+    want = mp_pinv(mp_softmax(z))
+    big = torch.finfo(F64).max
+    for i in range(3):
+        for j in range(3):
+            w = want[i, j]
+            if abs(w) > big:
+                assert got[i, j].item() == (math.inf if w > 0 else -math.inf), (i, j)
+            else:
+                assert rel_err(got[i, j].item(), w) <= 1e-12, (i, j)
+    # the structured product is exact on a vector whose product stays small (a dense
+    # product would cancel terms of 1e304 here)
+    z = [0.0, -700.0, -1.0]
+    x = [1.0, 0.0, -1.0]
+    prod = SoftmaxJacobian(torch.tensor(z, dtype=F64)).pinv() @ torch.tensor(x, dtype=F64)
+    want = mp_pinv(mp_softmax(z)) * mp.matrix(x)
+    for i in range(3):
+        assert rel_err(prod[i].item(), want[i]) <= 1e-13, i
+
+
+def test_rank_counts_underflowed_support():
+    # σ_2 = e^-800 underflows; the exact rank is 2 and the property says so (the unresolvable
+    # tiny eigenvalue is reported in the tolerance)
+    report = softjac.check_properties(torch.tensor([0.0, 1.0, -800.0], dtype=F64))
+    rank = report["rank"]
+    assert rank.detail.startswith("rank 1, expected 2"), rank.detail
+    assert rank.passed
+
+
+# ---------------------------------------------------------------- the corners
+def test_eigh_orthonormal_for_tiny_eigenvalues():
+    z = [0.0, -1.0, -400.0, -402.0]
+    op = SoftmaxJacobian(torch.tensor(z, dtype=F64))
+    lam, q = op.eigh()
+    eye = torch.eye(4, dtype=F64)
+    assert (q.mT @ q - eye).abs().max().item() <= 1e-12 * 4
+    # the eigenvalues span 1e-175 .. 0.39; every one relative to itself (mpmath)
+    from ._operator_helpers import mp_eigvals
+
+    want = mp_eigvals(mp_softmax(z))
+    for g, w in zip(lam.tolist(), want, strict=True):
+        assert rel_err(g, w) <= 4 * 2.0**-52 if w != 0 else g == 0
+    # Q Λ Qᵀ reconstructs J entrywise relative to the entry (entries down to 1e-176)
+    p = mp_softmax(z)
+    rec = (q * lam.unsqueeze(-2)) @ q.mT
+    for i in range(4):
+        for j in range(4):
+            w = p[i] * (1 - p[i]) if i == j else -p[i] * p[j]
+            if abs(w) >= torch.finfo(F64).tiny:
+                assert rel_err(rec[i, j].item(), w) <= 16 * 2.0**-52, (i, j)
+            else:
+                assert abs(rec[i, j].item()) <= 1e-300
+
+
+def _mp_softmax_hi(z: list[float]) -> list:
+    """σ at 700 digits (so that Σσ = 1 holds far below the smallest entries)."""
+    with mp.workdps(700):
+        m = max(z)
+        e = [mp.exp(mp.mpf(x) - m) for x in z]
+        s = mp.fsum(e)
+        return [x / s for x in e]
+
+
+def _mp_cholesky(p: list) -> list[list]:
+    """The Tanabe–Sagae factor from 700-digit tail sums (an independent evaluation)."""
+    k = len(p)
+    with mp.workdps(700):
+        c = [mp.fsum(p[j] for j in range(i + 1, k)) for i in range(k)]  # c_i = Σ_{j>i}
+        L = [[mp.mpf(0)] * k for _ in range(k)]
+        for i in range(k):
+            ci1 = p[i] + c[i]
+            if c[i] == 0 or ci1 == 0:
+                continue
+            L[i][i] = mp.sqrt(p[i] * c[i] / ci1)
+            beta = mp.sqrt(p[i] / (ci1 * c[i]))
+            for j in range(i + 1, k):
+                L[j][i] = -p[j] * beta
+        return L
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cholesky_factor_wide_spread_is_finite_and_exact(dtype):
+    z = [-5.0, 0.0, -300.0, -650.0, -690.0] if dtype == F64 else [-5.0, 0.0, -30.0, -65.0, -80.0]
+    p = _mp_softmax_hi(z)
+    L = _mp_cholesky(p)
+    k = len(z)
+    with mp.workdps(700):  # the reference factor reproduces J (a check of the check)
+        for i in range(k):
+            for j in range(k):
+                lj = mp.fsum(L[i][m] * L[j][m] for m in range(k))
+                jj = p[i] * (1 - p[i]) if i == j else -p[i] * p[j]
+                assert abs(lj - jj) <= mp.mpf(10) ** -40 * (abs(jj) + mp.mpf(10) ** -600)
+    got = SoftmaxJacobian(torch.tensor(z, dtype=dtype)).cholesky_factor().to_dense()
+    assert torch.isfinite(got).all()
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    spread = max(z) - min(z)
+    for i in range(k):
+        for j in range(k):
+            w = L[i][j]
+            if abs(w) >= tiny:
+                # conditioning eps·|z_i − max z| of σ itself, as everywhere
+                assert rel_err(got[i, j].item(), w) <= 8 * eps * (k + spread), (i, j)
+            else:
+                assert abs(got[i, j].item()) <= 2 * tiny, (i, j)
+
+
+def test_frobenius_norm_does_not_underflow():
+    op = SoftmaxJacobian(torch.tensor([0.0, -500.0], dtype=F64))
+    p = mp_softmax([0.0, -500.0])
+    want = mp.sqrt(2 * (p[0] * p[1]) ** 2 + (p[0] * p[1]) ** 2 * 2)
+    got = op.frobenius_norm().item()
+    assert 1.4e-217 < got < 1.43e-217
+    assert rel_err(got, want) <= 4 * 2.0**-52
+
+
+# ---------------------------------------------------------------- non-finite input
+def test_nan_and_posinf_logits_give_nan_slices():
+    nan, inf = float("nan"), float("inf")
+    z = torch.tensor([[nan, 0.0, 1.0], [0.0, 1.0, 2.0], [inf, 0.0, 1.0], [-inf, 0.0, 1.0]])
+    op = SoftmaxJacobian(z)
+    bad = torch.tensor([True, False, True, False])
+    x = torch.ones(4, 3)
+    outs = {
+        "probs": op.probs,
+        "eigvalsh": op.eigvalsh(),
+        "eigh.values": op.eigh()[0],
+        "eigh.vectors": op.eigh()[1],
+        "spectral_norm": op.spectral_norm(),
+        "frobenius_norm": op.frobenius_norm(),
+        "trace": op.trace(),
+        "diagonal": op.diagonal(),
+        "log_pdet": op.log_pdet(),
+        "logdet_damped": op.logdet_damped(0.1),
+        "solve_damped": op.solve_damped(x, 0.1),
+        "matmul": op @ x,
+        "to_dense": op.to_dense(),
+        "pinv": op.pinv().to_dense(),
+        "pinv@": op.pinv() @ x,
+        "sqrt": op.sqrt_factor().to_dense(),
+        "sqrt@": op.sqrt_factor() @ x,
+        "cholesky": op.cholesky_factor().to_dense(),
+        "cholesky@": op.cholesky_factor() @ x,
+    }
+    for name, out in outs.items():
+        flat = out.reshape(4, -1)
+        assert torch.isnan(flat[bad]).all(), name
+        assert torch.isfinite(flat[~bad]).all(), name
+    # the good slices are untouched by the bad ones
+    ref = SoftmaxJacobian(z[~bad])
+    torch.testing.assert_close(op.eigvalsh()[~bad], ref.eigvalsh())
+    torch.testing.assert_close(op.log_pdet()[~bad], ref.log_pdet())
+
+
+# ---------------------------------------------------------------- memory guards
+def _dense_calls(op):
+    return {
+        "softjac.SoftmaxJacobian.to_dense": lambda mb: op.to_dense(max_bytes=mb),
+        "softjac.SoftmaxJacobian.eigh": lambda mb: op.eigh(max_bytes=mb),
+        "softjac.SoftmaxJacobian.sqrtm": lambda mb: op.sqrtm(max_bytes=mb),
+        "softjac.SoftmaxJacobian.apply_function": lambda mb: op.apply_function(
+            torch.exp, max_bytes=mb
+        ),
+        "softjac.SoftmaxJacobianPinv.to_dense": lambda mb: op.pinv().to_dense(max_bytes=mb),
+        "softjac.SoftmaxJacobianSqrtFactor.to_dense": lambda mb: op.sqrt_factor().to_dense(
+            max_bytes=mb
+        ),
+        "softjac.SoftmaxJacobianCholeskyFactor.to_dense": lambda mb: op.cholesky_factor().to_dense(
+            max_bytes=mb
+        ),
+    }
+
+
+def test_every_dense_method_is_guarded():
+    op = SoftmaxJacobian(torch.randn(3, 40, dtype=F64))
+    for fn, call in _dense_calls(op).items():
+        with pytest.raises(ValueError, match=re.escape(f"`{fn}`: the dense result of shape")):
+            call(1000)
+        with pytest.raises(TypeError, match=re.escape(f"`{fn}`: `max_bytes` must be an int")):
+            call("x")
+        with pytest.raises(ValueError, match=re.escape(f"`{fn}`: `max_bytes` must be > 0")):
+            call(0)
+        assert call(2**30) is not None  # well under the limit: computed
+
+
+def test_temperature_below_the_dtype_range_is_refused():
+    z = torch.tensor([1.0, 0.0])
+    with pytest.raises(ValueError, match=r"`softjac.SoftmaxJacobian`: `temperature` must be"):
+        SoftmaxJacobian(z, temperature=1e-46)
+    with pytest.raises(ValueError, match=r"`softjac.SoftmaxJacobian`: `temperature` must be"):
+        SoftmaxJacobian(probs=torch.tensor([0.5, 0.5]), temperature=1e-40)
+    op = SoftmaxJacobian(z.double(), temperature=1e-46)  # representable in float64: fine
+    assert op.probs.tolist() == [1.0, 0.0]
+
+
+def test_cross_entropy_hessian_and_fisher_sqrt_are_guarded():
+    z = torch.randn(8, 20, dtype=F64)
+    y = torch.randint(0, 20, (8,))
+    h = softjac.cross_entropy_hessian(z, y)
+    for fn, call in {
+        "softjac.CrossEntropyHessian.to_dense": lambda mb: h.to_dense(max_bytes=mb),
+        "softjac.fisher_sqrt": lambda mb: softjac.fisher_sqrt(z, max_bytes=mb),
+    }.items():
+        with pytest.raises(ValueError, match=re.escape(f"`{fn}`: the dense result of shape")):
+            call(1000)
+        with pytest.raises(TypeError, match=re.escape(f"`{fn}`: `max_bytes` must be an int")):
+            call("x")
+        assert call(2**30).shape == (8, 20, 20)

@@ -17,14 +17,18 @@ from numbers import Real
 import torch
 
 __all__ = [
+    "DEFAULT_MAX_BYTES",
     "as_float_dtype",
+    "check_dense_size",
     "check_dim",
+    "check_max_bytes",
     "check_logits",
     "check_mask",
     "check_positive",
     "check_same_shape",
     "check_tensor",
     "check_temperature",
+    "fmt_bytes",
     "fmt_shape",
 ]
 
@@ -132,11 +136,81 @@ def check_positive(fn: str, name: str, value: object) -> float:
     return v
 
 
-def check_temperature(fn: str, temperature: object) -> float:
-    """Temperature T > 0 (softmax(z / T))."""
-    return check_positive(fn, "temperature", temperature)
+def check_temperature(fn: str, temperature: object, dtype: torch.dtype | None = None) -> float:
+    """Temperature T > 0 (softmax(z / T)).
+
+    With ``dtype`` (the compute dtype) T must also be at least that dtype's smallest normal
+    number: below it ``1/T`` overflows and ``(z − max z)/T`` would turn finite logits into
+    ±inf or NaN, so such a T is refused rather than silently giving σ summing to 0.
+    """
+    t = check_positive(fn, "temperature", temperature)
+    if dtype is not None:
+        tiny = torch.finfo(dtype).tiny
+        if t < tiny:
+            raise ValueError(
+                f"`{fn}`: `temperature` must be at least the smallest normal {dtype} number "
+                f"({tiny:.3g}) for {dtype} logits (1/T would overflow). Got {t!r}; pass float64 "
+                "logits or rescale the logits instead."
+            )
+    return t
 
 
 def as_float_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype softjac computes in: float32 for half types, else the dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+#: Default limit on the memory of a dense result (and its temporaries): 4 GiB.
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+def fmt_bytes(n: float) -> str:
+    """``123 bytes``, ``1.50 KiB`` … ``4.00 GiB`` style."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_max_bytes(fn: str, max_bytes: object) -> int:
+    """Require ``max_bytes`` to be an int > 0 (``TypeError`` / ``ValueError`` otherwise)."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(
+            f"`{fn}`: `max_bytes` must be an int (a number of bytes). Got "
+            f"{type(max_bytes).__name__}."
+        )
+    if max_bytes <= 0:
+        raise ValueError(f"`{fn}`: `max_bytes` must be > 0. Got {max_bytes}.")
+    return max_bytes
+
+
+def check_dense_size(
+    fn: str,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+    max_bytes: object,
+    *,
+    temporaries: int = 0,
+    hint: str = "",
+) -> None:
+    """Refuse (``ValueError``) a dense result of ``shape`` and ``dtype`` when it, plus
+    ``temporaries`` further arrays of the same size alive at the peak, would need more than
+    ``max_bytes`` (validated by :func:`check_max_bytes`). One message for every dense method::
+
+        `softjac.hessian`: the dense result of shape (64, 512, 512, 512) needs 64.00 GiB
+        (with 1 temporary of its size), above `max_bytes` = 4.00 GiB. ...
+    """
+    limit = check_max_bytes(fn, max_bytes)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    need = n * torch.empty((), dtype=dtype).element_size() * (1 + temporaries)
+    if need > limit:
+        plural = "temporary" if temporaries == 1 else "temporaries"
+        extra = f" (with {temporaries} {plural} of its size)" if temporaries else ""
+        raise ValueError(
+            f"`{fn}`: the dense result of shape {fmt_shape(tuple(shape))} needs "
+            f"{fmt_bytes(need)}{extra}, above `max_bytes` = {fmt_bytes(limit)}. "
+            + (hint + " " if hint else "")
+            + "Pass a larger `max_bytes` if the memory is there."
+        )

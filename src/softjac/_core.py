@@ -6,7 +6,7 @@ and knows nothing of autograd, ``dim`` handling or validation. These are the pur
 implementations; ``softjac.kernels`` provides fused versions of the hot ones and is tested
 against these.
 
-Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
+Accuracy (``docs/math.md``, "Accuracy on extreme logits"):
 
 * ``σ = exp(z − lse(z))`` with masked (−inf) entries giving exactly 0 and a fully masked
   slice giving all zeros (the log-sum-exp of an empty slice is replaced by 0, never −inf).
@@ -25,6 +25,8 @@ Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
     "exp_parts",
     "from_last",
     "jacobian_logits_last",
+    "ldexp",
+    "pow2_exponent",
+    "scale_pow2",
     "vjp_logits_last",
     "hessian_last",
     "hvp_last",
@@ -68,9 +73,57 @@ def masked_scaled_logits(
 
 
 def _safe_max(z: torch.Tensor) -> torch.Tensor:
-    """Row maximum (keepdim) with non-finite maxima (fully masked rows) replaced by 0."""
+    """Row maximum (keepdim) with a −inf maximum (a fully masked row) replaced by 0.
+
+    A +inf or NaN maximum is kept, so that ``z − max z`` is NaN in every entry of such a row
+    (``inf − inf``) and σ, log σ and every product are NaN there, as ``torch.softmax`` gives.
+    """
     m = z.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
+
+
+def pow2_exponent(x: torch.Tensor, *, normalise: bool = False) -> torch.Tensor:
+    """A power-of-two exponent ``e`` per row (keepdim, in ``x``'s dtype) for scaling the row
+    by ``2^−e`` before a reduction over K entries, so that nothing in it overflows or loses
+    digits to gradual underflow.
+
+    Only as much as needed: a row whose largest entry is below 1 is scaled up to about 1
+    (its small entries gain their lost digits back), a row whose largest entry is within a
+    factor ``8K`` of the overflow threshold is scaled down below it, and any other row is left
+    alone (``e = 0``, so small entries next to large ones keep their digits). 0 for a row
+    that is all zero or has a non-finite entry. ``|e|`` stays below the dtype's largest
+    exponent, so ``2^±e`` are normal numbers and the scaling is exact.
+
+    With ``normalise`` every row is brought to a largest entry in [1/2, 2) (for products of
+    the row with other large factors, or squares, which the cautious default would let
+    overflow); ``e`` then spans the whole exponent range: scale with :func:`ldexp`.
+    """
+    m = x.abs().amax(dim=-1, keepdim=True)
+    ok = torch.isfinite(m) & (m > 0)
+    lg = torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))
+    top = math.floor(math.log2(torch.finfo(x.dtype).max))  # 1023 / 127
+    hi = float(top - 3 - max(math.ceil(math.log2(max(x.shape[-1], 1))), 0))
+    if normalise:
+        return lg
+    up = lg.clamp(min=-(top - 24), max=0.0)
+    down = (lg - hi).clamp_min(0.0)
+    return up + down
+
+
+def ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x · 2^e`` for integral ``e`` (a float tensor, broadcast), exact unless the result
+    over- or underflows, for any ``e``: in three factors of at most the dtype's largest
+    exponent each (beyond three of those every nonzero float over- or underflows anyway)."""
+    cap = float(math.floor(math.log2(torch.finfo(x.dtype).max)) - 1)
+    e = e.clamp(-3 * cap, 3 * cap)
+    a = torch.floor(e / 3)
+    b = torch.floor((e - a) / 2)
+    return x * torch.exp2(a) * torch.exp2(b) * torch.exp2(e - a - b)
+
+
+def scale_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x · 2^e`` for ``|e|`` within the cap of :func:`pow2_exponent` (one exact product)."""
+    return x * torch.exp2(e)
 
 
 def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -82,10 +135,10 @@ def log_softmax_last(z: torch.Tensor) -> torch.Tensor:
 
 def logsumexp_last(z: torch.Tensor) -> torch.Tensor:
     """``lse(z) = max z + log Σ exp(z − max z)`` (keepdim); ``+inf`` for a fully masked row, so
-    that ``exp(z − lse)`` is 0 there rather than NaN."""
+    that ``exp(z − lse)`` is 0 there rather than NaN; NaN for a row with a NaN or +inf entry."""
     m = _safe_max(z)
     s = (z - m).exp().sum(dim=-1, keepdim=True)
-    return torch.where(s > 0, m + s.log(), torch.full_like(s, float("inf")))
+    return torch.where(s == 0, torch.full_like(s, float("inf")), m + s.log())
 
 
 def to_last(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -105,7 +158,7 @@ def _shifted_exp_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     shifted = z - _safe_max(z)
     e = shifted.exp()
     s = e.sum(dim=-1, keepdim=True)
-    return shifted, e, torch.where(s > 0, s, torch.ones_like(s))
+    return shifted, e, torch.where(s == 0, torch.ones_like(s), s)
 
 
 def softmax_last(z: torch.Tensor) -> torch.Tensor:
@@ -144,7 +197,9 @@ def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v = p ⊙ (v − ⟨p, v⟩)`` with ``J = diag(p) − p pᵀ``; O(K) per row, J never formed.
 
     The argmax entry is ``p_{i*} Σ_{j≠i*} p_j (v_{i*} − v_j)`` (no cancellation). J is
-    symmetric, so this is both the VJP and the JVP.
+    symmetric, so this is both the VJP and the JVP. ``v`` is scaled by a power of two around
+    the reductions (see :func:`centred_last`), so the result is finite whenever the exact one
+    is representable (``|J v| ≤ max|v|/2``).
     """
     return p * centred_last(p, v)
 
@@ -152,11 +207,16 @@ def vjp_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def centred_last(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``v − ⟨p, v⟩`` with the argmax entry taken as ``Σ_{j≠i*} p_j (v_{i*} − v_j)`` (equal when
     Σp = 1, without cancellation): the factor that :func:`vjp_last` multiplies by ``p`` and the
-    square-root factor's transpose by ``√p``."""
+    square-root factor's transpose by ``√p``.
+
+    ``v`` is scaled by ``2^−e`` (:func:`pow2_exponent`) before the sums and the result by
+    ``2^e`` after, so ``v_{i*} − v_j`` cannot overflow inside for |v| near the largest float."""
+    e = pow2_exponent(v)
+    v = scale_pow2(v, -e)
     s = (p * v).sum(dim=-1, keepdim=True)
     idx = argmax_index(p)
     t = (p * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return (v - s).scatter(-1, idx, t)
+    return scale_pow2((v - s).scatter(-1, idx, t), e)
 
 
 def jacobian_last(p: torch.Tensor) -> torch.Tensor:
@@ -169,37 +229,44 @@ def jacobian_last(p: torch.Tensor) -> torch.Tensor:
     return jac
 
 
-def log_softmax_jacobian_last(p: torch.Tensor) -> torch.Tensor:
-    """Dense ``∂ log σ / ∂z = I − 1 pᵀ`` restricted to the support (rows of entries with
-    ``p_i = 0`` are zero: ``log σ_i = −∞`` is constant there); O(K²) per row.
+def log_softmax_jacobian_last(p: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``∂ log σ / ∂z = I − 1 pᵀ`` restricted to the support; O(K²) per row.
 
-    The diagonal entry of the argmax, ``1 − p_{i*}``, is taken as ``Σ_{j≠i*} p_j``.
+    ``support`` (boolean, p's shape) marks the entries whose logit is not masked (not −inf):
+    their rows are ``e_i − p`` even where ``p_i`` underflowed to 0 (``log σ_i`` is finite and
+    moves with z); rows outside it are zero (``log σ_i = −∞`` is constant). Without
+    ``support``: the entries with ``p_i > 0``. The diagonal entry of the argmax, ``1 − p_{i*}``,
+    is taken as ``Σ_{j≠i*} p_j``.
     """
-    keep = (p > 0).to(p.dtype)
+    keep = (p > 0 if support is None else support).to(p.dtype)
     out = -(keep.unsqueeze(-1) * p.unsqueeze(-2))
     out.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p) * keep)
     return out
 
 
 def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``(∇² ⟨w, σ⟩) v = b ⊙ v − b ⟨p, v⟩ − p ⟨b, v⟩`` with ``b = J w``; O(K) per row."""
+    """``(∇² ⟨w, σ⟩) v = b ⊙ v − b ⟨p, v⟩ − p ⟨b, v⟩`` with ``b = J w``; O(K) per row.
+
+    ``w`` and ``v`` are each scaled by a power of two first (and the result back), so nothing
+    overflows inside while the result is representable."""
+    ew, ev = pow2_exponent(w, normalise=True), pow2_exponent(v, normalise=True)
+    w, v = ldexp(w, -ew), ldexp(v, -ev)  # exact scaling: nothing over- or underflows inside
     b = vjp_last(p, w)
     pv = (p * v).sum(dim=-1, keepdim=True)
     bv = (b * v).sum(dim=-1, keepdim=True)
-    return b * v - b * pv - p * bv
+    return ldexp(b * v - b * pv - p * bv, ew + ev)
 
 
 def hessian_last(p: torch.Tensor) -> torch.Tensor:
     """``H[..., i, j, k] = ∂²σ_i / ∂z_j ∂z_k = J_ij (δ_ik − p_k) − p_i J_jk``; O(K³) per row.
 
-    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``shared/MATH.md``.)
+    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``docs/math.md``, Derivatives.)
     """
     jac = jacobian_last(p)
     lsj = -p.unsqueeze(-2).expand(jac.shape).clone()  # [i, k] = δ_ik − p_k
     lsj.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p))
-    first = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
-    second = p[..., :, None, None] * jac.unsqueeze(-3)  # [i, j, k] = p_i J_jk
-    return first - second
+    out = jac.unsqueeze(-1) * lsj.unsqueeze(-2)  # [i, j, k] = J_ij (δ_ik − p_k)
+    return out.sub_(p[..., :, None, None] * jac.unsqueeze(-3))  # − p_i J_jk (one temporary)
 
 
 def exp_parts(z: torch.Tensor):
@@ -214,7 +281,7 @@ def exp_parts(z: torch.Tensor):
     idx = argmax_index(z)
     r = e.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
     s = e.gather(-1, idx) + r
-    return e, idx, r, torch.where(s > 0, s, torch.ones_like(s))
+    return e, idx, r, torch.where(s == 0, torch.ones_like(s), s)
 
 
 def _div_s2(y: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -228,12 +295,15 @@ def vjp_logits_last(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v`` from logits (last dim) with ``σ`` kept unrounded; O(K) per row.
 
     ``(J v)_i = e_i u_i / S²`` with ``u_i = v_i S − Σ_j e_j v_j`` and, for the argmax,
-    ``u_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j)`` (no cancellation).
+    ``u_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j)`` (no cancellation). ``v`` is scaled by a power
+    of two before the sums and the result back after (finite wherever the exact ``J v`` is).
     """
     e, idx, r, s = exp_parts(z)
+    ev = pow2_exponent(v)
+    v = scale_pow2(v, -ev)  # exact scaling: v_i S cannot overflow for |v| near the largest float
     u = v * s - (e * v).sum(dim=-1, keepdim=True)
     q = (e * (v.gather(-1, idx) - v)).scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
-    return _div_s2(e * u.scatter(-1, idx, q), r, s)
+    return scale_pow2(_div_s2(e * u.scatter(-1, idx, q), r, s), ev)
 
 
 def jacobian_logits_last(z: torch.Tensor) -> torch.Tensor:

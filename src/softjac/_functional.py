@@ -20,12 +20,13 @@ import torch
 from softjac import _core
 from softjac._autograd import softmax_last_autograd
 from softjac._checks import (
+    DEFAULT_MAX_BYTES,
     as_float_dtype,
+    check_dense_size,
     check_logits,
     check_mask,
     check_same_shape,
     check_temperature,
-    fmt_shape,
 )
 from softjac.kernels import dispatch
 
@@ -40,9 +41,6 @@ __all__ = [
     "vjp_from_probs",
 ]
 
-#: Default limit on the size of a dense output of :func:`jacobian` (4 GiB).
-DEFAULT_MAX_BYTES = 4 * 2**30
-
 
 def _prepare(
     fn: str,
@@ -52,9 +50,12 @@ def _prepare(
     temperature: float,
 ) -> tuple[torch.Tensor, int, float]:
     """Validate; return ``z / T`` (masked entries −inf) with ``dim`` moved last, in the compute
-    dtype, plus the normalised dim and the temperature."""
+    dtype, plus the normalised dim and the temperature.
+
+    T below the smallest normal number of the compute dtype is refused (``ValueError``):
+    ``1/T`` would overflow there and σ would not sum to 1."""
     d = check_logits(fn, logits, dim)
-    t = check_temperature(fn, temperature)
+    t = check_temperature(fn, temperature, as_float_dtype(logits.dtype))
     m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
     z = _core.to_last(logits.to(as_float_dtype(logits.dtype)), d)
     if m is not None:
@@ -77,18 +78,26 @@ def _probs_last(fn, logits, dim, mask, temperature):
     return _core.softmax_last(z), d, t
 
 
-def _check_dense_size(fn: str, batch: torch.Size, k: int, dtype: torch.dtype, max_bytes: int):
-    n = 1
-    for s in batch:
-        n *= s
-    need = n * k * k * torch.empty((), dtype=dtype).element_size()
-    if need > max_bytes:
-        raise ValueError(
-            f"`{fn}`: the dense output of shape {fmt_shape((*batch, k, k))} would take "
-            f"{need / 2**30:.2f} GiB, above `max_bytes` = {max_bytes / 2**30:.2f} GiB. Use "
-            "`softjac.vjp` / `softjac.jvp` for products (O(K)) or `softjac.SoftmaxJacobian` for "
-            "the structured operator, or pass a larger `max_bytes`."
-        )
+_DENSE_HINT = (
+    "Use `softjac.vjp` / `softjac.jvp` / `softjac.hvp` for products (O(K)) or "
+    "`softjac.SoftmaxJacobian` for the structured operator."
+)
+
+
+def _check_dense_size(
+    fn: str,
+    batch: torch.Size | tuple[int, ...],
+    k: int,
+    dtype: torch.dtype,
+    max_bytes: object,
+    *,
+    temporaries: int = 0,
+) -> None:
+    """The memory guard of the dense functions: ``(*batch, K, K)`` of ``dtype``, see
+    :func:`softjac._checks.check_dense_size`."""
+    check_dense_size(
+        fn, (*batch, k, k), dtype, max_bytes, temporaries=temporaries, hint=_DENSE_HINT
+    )
 
 
 def softmax(
@@ -163,12 +172,17 @@ def log_softmax_jacobian(
 ) -> torch.Tensor:
     """Dense Jacobian of log-softmax, ``∂ log σ / ∂z = (I − 1σᵀ) / T``, shape ``(*batch, K, K)``.
 
-    Rows of masked entries are zero (``log σ_i = −∞`` does not move). O(K²) per slice.
+    The support comes from the logits, not from the rounded σ: a row is zero only for a masked
+    entry (``mask`` False or logit −inf; ``log σ_i = −∞`` does not move). An entry whose σ_i
+    underflows to 0 keeps its row ``e_i − σ`` (``[0, −120]`` gives ``[[0, 0], [−1, 1]]``).
+    Every entry is ``δ_ij − σ_j`` (``1 − σ_{i*}`` of the argmax as ``Σ_{j≠i*} σ_j``), so
+    accurate relative to itself. A slice with a NaN or +inf logit gives NaN. O(K²) per slice;
+    refuses (``ValueError``) an output above ``max_bytes`` (an int > 0, default 4 GiB).
     """
     fn = "softjac.log_softmax_jacobian"
-    p, _, t = _probs_last(fn, logits, dim, mask, temperature)
-    _check_dense_size(fn, p.shape[:-1], p.shape[-1], logits.dtype, max_bytes)
-    out = _core.log_softmax_jacobian_last(p)
+    z, _, t = _prepare(fn, logits, dim, mask, temperature)
+    _check_dense_size(fn, z.shape[:-1], z.shape[-1], z.dtype, max_bytes)
+    out = _core.log_softmax_jacobian_last(_core.softmax_last(z), z != float("-inf"))
     if t != 1.0:
         out = out / t
     return out.to(logits.dtype)
@@ -257,7 +271,8 @@ def hvp(
     """Hessian-vector product of the scalar ``⟨w, σ(z)⟩``: ``(∂²⟨w, σ⟩/∂z²) v`` along ``dim``.
 
     With ``b = J w``: ``b ⊙ v − b ⟨σ, v⟩ − σ ⟨b, v⟩`` (divided by T²). O(K) per slice; the
-    ``(K, K, K)`` second-derivative tensor is never formed.
+    ``(K, K, K)`` second-derivative tensor is never formed. ``w`` and ``v`` are scaled by
+    powers of two inside, so the result is finite wherever the exact one is representable.
     """
     fn = "softjac.hvp"
     check_logits(fn, logits, dim)
@@ -282,12 +297,15 @@ def hessian(
     """Second derivatives ``H[..., i, j, k] = ∂²σ_i / ∂z_j ∂z_k``, shape ``(*batch, K, K, K)``.
 
     ``H_ijk = σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)`` (divided by T²); symmetric in
-    ``(j, k)``. O(K³) per slice; use :func:`hvp` for products.
+    ``(j, k)``. O(K³) per slice; use :func:`hvp` for products. Refuses (``ValueError``) when
+    the result and the one temporary of its size (two for half inputs, cast at the end)
+    would exceed ``max_bytes`` (an int > 0, default 4 GiB).
     """
     fn = "softjac.hessian"
     p, _, t = _probs_last(fn, logits, dim, mask, temperature)
     k = p.shape[-1]
-    _check_dense_size(fn, (*p.shape[:-1], k), k, logits.dtype, max_bytes)
+    extra = 1 if p.dtype == logits.dtype else 2
+    _check_dense_size(fn, (*p.shape[:-1], k), k, p.dtype, max_bytes, temporaries=extra)
     out = _core.hessian_last(p)
     if t != 1.0:
         out = out / (t * t)

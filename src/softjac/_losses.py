@@ -20,7 +20,7 @@ from numbers import Real
 
 import torch
 
-from softjac import _autograd, _core
+from softjac import _autograd, _checks, _core
 from softjac._checks import as_float_dtype, check_logits, check_tensor, fmt_shape
 from softjac.kernels import _torch, dispatch
 
@@ -365,8 +365,19 @@ class CrossEntropyHessian:
             return self.matmul(x.transpose(1, 2)).transpose(1, 2)
         return self.matmul(x)
 
-    def to_dense(self) -> torch.Tensor:
-        """The blocks ``c_n J_n``, shape ``(N, K, K)``; O(N·K²) memory (check it fits)."""
+    def to_dense(self, *, max_bytes: int = _checks.DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """The blocks ``c_n J_n``, shape ``(N, K, K)``; O(N·K²) memory. Refuses
+        (``ValueError``) when they and one temporary of their size exceed ``max_bytes`` (an
+        int > 0, default 4 GiB)."""
+        n, k = self.probs.shape
+        _checks.check_dense_size(
+            "softjac.CrossEntropyHessian.to_dense",
+            (n, k, k),
+            self.probs.dtype,
+            max_bytes,
+            temporaries=1,
+            hint="Use its O(K) products (`@`) instead.",
+        )
         return _core.jacobian_last(self.probs) * self.coef[:, None, None]
 
     def diagonal(self) -> torch.Tensor:
@@ -479,6 +490,7 @@ def fisher_sqrt(
     *,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    max_bytes: int = _checks.DEFAULT_MAX_BYTES,
 ) -> torch.Tensor:
     """Square-root factor S of the softmax Fisher / GGN block ``J = diag(σ) − σσᵀ``: S Sᵀ = J.
 
@@ -493,6 +505,8 @@ def fisher_sqrt(
         logits: ``(N, K)`` or ``(K,)`` (then ``N = 1``), classes on the last dim.
         num_samples: None for the exact factor, else M >= 1 sampled labels per sample.
         generator: ``torch.Generator`` for the sampling (reproducible factors).
+        max_bytes: limit (an int > 0, default 4 GiB) on the exact factor and its temporary;
+            above it ``ValueError``.
 
     Returns:
         Tensor in the compute dtype (float32 for half logits), not differentiable.
@@ -502,6 +516,14 @@ def fisher_sqrt(
     p = _core.softmax_last(z)
     n, k = p.shape
     if num_samples is None:
+        _checks.check_dense_size(
+            fn,
+            (n, k, k),
+            p.dtype,
+            max_bytes,
+            temporaries=1,
+            hint="Use `num_samples=M` for the Monte Carlo factor (O(N·K·M)).",
+        )
         r = p.sqrt()
         return torch.diag_embed(r) - p.unsqueeze(-1) * r.unsqueeze(-2)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:

@@ -4,14 +4,24 @@
 stores σ (and log σ) only — O(K) memory per slice — and implements every operation as a
 closed form on σ (O(K)) or through the secular-equation eigen-solver of
 :mod:`softjac._spectral` (O(K²)); ``to_dense()`` exists for checking and small K. Formulas:
-``shared/MATH.md`` ("Closed forms", "Spectrum").
+``docs/math.md`` ("Closed forms", "Spectrum").
 
 Conventions (as in :mod:`softjac._functional`): ``dim`` is moved last, so the operator is the
 batch ``(*batch, K, K)``; ``mask`` True keeps an entry, ``-inf`` logits are masked too;
 float16/bfloat16 inputs compute (and are stored) in float32. With a temperature T the operator
-is ``∂σ/∂z = J(σ(z/T)) / T``. The *support* S of a slice is the set of entries with σ_i
-at least the smallest normal number of the dtype (masked and underflowed entries are outside
-it; their rows and columns of J are zero).
+is ``∂σ/∂z = J(σ(z/T)) / T``.
+
+The *support* S of a slice comes from the logits, not from the rounded σ: an entry is outside
+it only when it is masked (``mask`` False or logit −inf); for an operator built from ``probs``,
+when its probability is 0. An entry whose σ_i underflows to 0 stays in S: log σ_i (kept from
+log-softmax) is finite, so :meth:`SoftmaxJacobian.log_pdet`, the pseudo-inverse and the
+factors stay exact where their values are representable, and quantities whose true value
+underflows (an eigenvalue below the smallest float, an entry σ_iσ_j) round to 0 honestly.
+
+Non-finite input: a slice with a NaN or +inf logit gives NaN in every output of that slice
+(σ, spectrum, norms, log_pdet, products, factors), as ``torch.softmax`` gives NaN; −inf is a
+masked entry. Dense results (``to_dense``, ``eigh``, ``sqrtm``, ``apply_function``) take
+``max_bytes`` (an int > 0, default 4 GiB) and refuse larger results with ``ValueError``.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ import torch
 
 from softjac import _core
 from softjac._checks import (
+    DEFAULT_MAX_BYTES,
     as_float_dtype,
+    check_dense_size,
     check_logits,
     check_mask,
     check_positive,
@@ -44,15 +56,50 @@ __all__ = [
 _NAME = "softjac.SoftmaxJacobian"
 
 
-def _support(p: torch.Tensor) -> torch.Tensor:
-    return p >= torch.finfo(p.dtype).tiny
+_DENSE_HINT = "Use the operator's O(K) products (`@`) instead of the dense matrix."
+
+
+def _support(log_p: torch.Tensor) -> torch.Tensor:
+    """The support from log σ: finite (not −inf; NaN slices are handled separately)."""
+    return log_p > float("-inf")
+
+
+def _nan_rows(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``x`` with the slices flagged in ``bad`` (shape ``x.shape[:bad.ndim]``) set to NaN."""
+    if not bool(bad.any()):
+        return x
+    return x.masked_fill(bad.reshape(*bad.shape, *([1] * (x.ndim - bad.ndim))), math.nan)
+
+
+def _scaled_norm(x: torch.Tensor) -> torch.Tensor:
+    """2-norm over the last dim (keepdim) with the row scaled by a power of two first, so that
+    squares of entries near the under- or overflow threshold cannot spoil it."""
+    e = _core.pow2_exponent(x, normalise=True).detach()
+    return _core.ldexp(torch.linalg.vector_norm(_core.ldexp(x, -e), dim=-1, keepdim=True), e)
+
+
+def _inv_scale(p: torch.Tensor, log_p: torch.Tensor, sup: torch.Tensor):
+    """``(â, E)`` with ``1/σ_i = â_i · 2^E`` on the support (0 off it): ``2^E`` is about the
+    largest ``1/σ_i``, so ``â ≤ ~2`` never overflows even where ``1/σ_i`` does, and
+    ``â_i = 1/(σ_i 2^−E)`` is one rounding from normal σ (``exp(−log σ_i − E ln 2)`` for σ_i
+    below the normal range, from log-softmax)."""
+    tiny = torch.finfo(p.dtype).tiny
+    big = torch.where(sup, -log_p, torch.full_like(log_p, float("-inf")))
+    top = big.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.floor(top / math.log(2.0)).detach()
+    normal = sup & (p >= tiny)
+    direct = 1 / torch.where(normal, _core.ldexp(p, e), torch.ones_like(p))
+    via_log = torch.exp(torch.where(sup & ~normal, -log_p - e * math.log(2.0), -math.inf))
+    a = torch.where(normal, direct, via_log)
+    return a, e
 
 
 def _apply(
     fn: str,
     p: torch.Tensor,
     x: object,
-    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    op: Callable[..., torch.Tensor],
     *,
     left: bool = False,
     extra: tuple[torch.Tensor, ...] = (),
@@ -166,8 +213,9 @@ class SoftmaxJacobian(_Structured):
     Exactly one of ``logits`` or ``probs`` is given; the class dimension ``dim`` is moved last,
     so the operator is the batch ``(*batch, K, K)``. Only σ (and log σ) are stored: O(K)
     memory per slice. The operator is symmetric positive semidefinite and singular
-    (``J 1 = 0``); its rank is ``|S| − 1`` for the support S (entries with σ_i > 0, see the
-    module notes), and it is all-zero for a fully masked slice.
+    (``J 1 = 0``); its rank is ``|S| − 1`` for the support S (the entries that are not masked, see the
+    module notes), and it is all-zero for a fully masked slice. A slice with a NaN or +inf
+    logit gives NaN in every output.
 
     Args:
         logits: floating tensor; σ = softmax(logits / T) along ``dim`` (masked entries 0).
@@ -178,7 +226,8 @@ class SoftmaxJacobian(_Structured):
             slice); otherwise ``ValueError``. Masked entries are set to 0 before the check.
         dim: the class dimension.
         mask: boolean, broadcastable to the input; True keeps an entry.
-        temperature: T > 0; the operator is ``J/T`` (the Jacobian with respect to z).
+        temperature: T > 0, at least the smallest normal number of the compute dtype; the
+            operator is ``J/T`` (the Jacobian with respect to z).
 
     Gradients flow back to ``logits``/``probs`` through :meth:`matmul` (``@``),
     :meth:`to_dense`, :meth:`diagonal`, :meth:`trace`, :meth:`frobenius_norm`,
@@ -214,13 +263,14 @@ class SoftmaxJacobian(_Structured):
         if (logits is None) == (probs is None):
             got = "both" if logits is not None else "neither"
             raise ValueError(f"`{fn}`: pass exactly one of `logits` and `probs`. Got {got}.")
-        t = check_temperature(fn, temperature)
         if logits is not None:
-            z, d, _ = _prepare(fn, logits, dim, mask, t)
+            z, d, t = _prepare(fn, logits, dim, mask, temperature)
+            # a NaN or +inf logit makes the whole slice NaN (see _core._safe_max)
             self._p, self._log_p = _core.softmax_and_log_last(z)
         else:
             assert probs is not None
             d = check_logits(fn, probs, dim, name="probs")
+            t = check_temperature(fn, temperature, as_float_dtype(probs.dtype))
             m = None if mask is None else check_mask(fn, mask, probs.shape, probs.device)
             p = probs.to(as_float_dtype(probs.dtype)).movedim(d, -1)
             if m is not None:
@@ -232,6 +282,7 @@ class SoftmaxJacobian(_Structured):
             )
         self._t = t
         self._dim = d
+        self._bad = torch.isnan(self._p.detach()).any(-1)  # slices with NaN: NaN out
 
     @staticmethod
     def _check_probs(fn: str, p: torch.Tensor) -> None:
@@ -289,8 +340,12 @@ class SoftmaxJacobian(_Structured):
         out = _apply(f"{_NAME}.rmatmul", self._p, x, _core.vjp_last, left=True)
         return self._scaled(out)
 
-    def to_dense(self) -> torch.Tensor:
-        """Dense ``(diag(σ) − σσᵀ)/T``, shape ``(*batch, K, K)``; O(K²). For checks and small K."""
+    def to_dense(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """Dense ``(diag(σ) − σσᵀ)/T``, shape ``(*batch, K, K)``; O(K²). For checks and small K;
+        refuses (``ValueError``) a result above ``max_bytes`` (default 4 GiB)."""
+        check_dense_size(
+            f"{_NAME}.to_dense", self.shape, self.dtype, max_bytes, temporaries=1, hint=_DENSE_HINT
+        )
         return self._scaled(_core.jacobian_last(self._p))
 
     def diagonal(self) -> torch.Tensor:
@@ -302,18 +357,24 @@ class SoftmaxJacobian(_Structured):
         return self.diagonal().sum(-1)
 
     def frobenius_norm(self) -> torch.Tensor:
-        """``‖J‖_F / T`` with ``‖J‖_F² = Σ σ_i²(1 − σ_i)² + Σ_i σ_i² Σ_{j≠i} σ_j²``; O(K).
+        """``‖J‖_F / T`` as the norm of the row norms ``ρ_i = σ_i · hypot(1 − σ_i, ‖σ_{−i}‖)``;
+        O(K).
 
-        (Equal to ``Σσ² − 2Σσ³ + (Σσ²)²``, which cancels for a near one-hot σ; here every
-        term is positive and ``Σ_{j≠i*} σ_j²`` is summed directly for the argmax.)
+        (``‖J‖_F² = Σσ² − 2Σσ³ + (Σσ²)²`` cancels for a near one-hot σ; here every term is
+        positive, ``1 − σ_{i*}`` and ``‖σ_{−i*}‖`` of the argmax are formed from the other
+        entries, and every norm is taken of a row scaled by a power of two, so the result
+        neither under- nor overflows while it is representable: ``[0, −500]`` gives
+        ``1.42e-217``, not 0.)
         """
         p = self._p
-        p2 = p * p
         idx = _core.argmax_index(p)
-        diag2 = (p * _core.one_minus(p, idx)).square().sum(-1)
-        rest = (p2.sum(-1, keepdim=True) - p2).scatter(-1, idx, _core.max_complement(p2, idx))
-        off = (p2 * rest).sum(-1)
-        return self._scaled((diag2 + off).sqrt())
+        rest = p.scatter(-1, idx, 0.0)
+        rest_norm = _scaled_norm(rest)  # ‖σ_{−i*}‖
+        all2 = _scaled_norm(p).square()
+        # ‖σ_{−i}‖ for i ≠ i*: Σσ² − σ_i² ≥ σ_{i*}² ≥ 1/K², no cancellation
+        others = (all2 - p * p).clamp_min(0).sqrt().scatter(-1, idx, rest_norm)
+        rows = p * torch.hypot(_core.one_minus(p, idx), others)
+        return self._scaled(_scaled_norm(rows).squeeze(-1))
 
     # ------------------------------------------------------------------ spectrum
     def eigvalsh(self) -> torch.Tensor:
@@ -325,56 +386,75 @@ class SoftmaxJacobian(_Structured):
         """
         return self._scaled(secular_eigvalsh(self._p.detach()))
 
-    def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def eigh(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending) and orthonormal eigenvectors (columns), ``Q diag(λ) Qᵀ``.
 
-        Gu–Eisenstat eigenvectors (orthogonal also for clustered σ) with exact deflation of
-        ties and zeros; see :mod:`softjac._spectral`. O(K²) per slice; no autograd.
+        Gu–Eisenstat eigenvectors (orthogonal also for clustered σ and for eigenvalues spread
+        over the whole exponent range) with exact deflation of ties and zeros; see
+        :mod:`softjac._spectral`. O(K²) per slice; no autograd. Refuses (``ValueError``) when
+        Q and the solver's K×K temporaries (four) would exceed ``max_bytes`` (default 4 GiB).
 
         Returns:
             ``(λ, Q)`` of shapes ``(*batch, K)`` and ``(*batch, K, K)``.
         """
+        self._check_dense(f"{_NAME}.eigh", max_bytes, 4)
         lam, q = secular_eigh(self._p.detach())
         return self._scaled(lam), q
+
+    def _check_dense(self, fn: str, max_bytes: object, temporaries: int) -> None:
+        check_dense_size(
+            fn, self.shape, self.dtype, max_bytes, temporaries=temporaries, hint=_DENSE_HINT
+        )
 
     def spectral_norm(self) -> torch.Tensor:
         """``λ_max / T`` (≤ 1/(2T)), shape ``(*batch,)``; O(K log K) (one secular root)."""
         return self._scaled(secular_spectral_norm(self._p.detach()))
 
-    def apply_function(self, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def apply_function(
+        self, f: Callable[[torch.Tensor], torch.Tensor], *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> torch.Tensor:
         """Dense ``Q f(Λ) Qᵀ`` for a spectral function ``f`` (applied elementwise to the
-        eigenvalues of ``J/T``); O(K²) for ``eigh`` plus one K×K×K matrix product."""
-        lam, q = self.eigh()
+        eigenvalues of ``J/T``); O(K²) for ``eigh`` plus one K×K×K matrix product. Refuses
+        (``ValueError``) when the result and its temporaries (five K×K arrays at the peak)
+        would exceed ``max_bytes`` (default 4 GiB)."""
+        self._check_dense(f"{_NAME}.apply_function", max_bytes, 5)
+        lam, q = self.eigh(max_bytes=max_bytes)
         return (q * f(lam).unsqueeze(-2)) @ q.mT
 
-    def sqrtm(self) -> torch.Tensor:
+    def sqrtm(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
         """Dense symmetric square root ``Q Λ^{1/2} Qᵀ`` (no closed form is known); see
-        :meth:`apply_function`. For a factor with ``S Sᵀ = J`` in O(K) use :meth:`sqrt_factor`."""
-        return self.apply_function(lambda lam: lam.clamp_min(0).sqrt())
+        :meth:`apply_function` (and its ``max_bytes``). For a factor with ``S Sᵀ = J`` in O(K)
+        use :meth:`sqrt_factor`."""
+        self._check_dense(f"{_NAME}.sqrtm", max_bytes, 5)
+        return self.apply_function(lambda lam: lam.clamp_min(0).sqrt(), max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ inverses, determinants
     def pinv(self) -> SoftmaxJacobianPinv:
         """The pseudo-inverse ``T·J⁺`` with ``J⁺ = P diag(1/σ) P`` on the support S,
-        ``P = I − 1_S 1_Sᵀ/|S|``, as a structured operator (O(K) products); O(K) to build."""
-        return SoftmaxJacobianPinv(self._p, self._t)
+        ``P = I − 1_S 1_Sᵀ/|S|``, as a structured operator (O(K) products); O(K) to build.
+        S comes from the logits (see the module notes): where σ_i underflowed, ``1/σ_i`` is
+        taken from log-softmax and the result overflows to ±inf honestly."""
+        return SoftmaxJacobianPinv(self._p, self._t, log_probs=self._log_p)
 
     def log_pdet(self) -> torch.Tensor:
         """log of the pseudo-determinant (product of the nonzero eigenvalues) of ``J/T``.
 
         ``pdet J = |S| ∏_{i∈S} σ_i``, so ``log pdet = log |S| + Σ_{i∈S} log σ_i − (|S|−1) log T``,
-        summed from log-softmax (finite where ``∏σ`` underflows). O(K). Conventions: a slice
+        summed from log-softmax (finite where ``∏σ`` underflows; S from the logits, so
+        ``[1000, 0, 0, 0]`` gives ``log 4 − 3000``). O(K). Conventions: a slice
         with one support entry has J = 0 restricted to a 1×1 block and gives the empty
-        product, ``log pdet = 0``; a fully masked slice (|S| = 0) gives ``log 0 = −inf``.
-        Shape ``(*batch,)``; differentiable.
+        product, ``log pdet = 0``; a fully masked slice (|S| = 0) gives ``log 0 = −inf``; a
+        NaN slice gives NaN. Shape ``(*batch,)``; differentiable.
         """
-        sup = _support(self._p)
+        sup = _support(self._log_p)
         n = sup.sum(-1)
         lp = torch.where(sup, self._log_p, torch.zeros_like(self._log_p)).sum(-1)
         nf = n.to(lp.dtype)
         out = lp + nf.log()
         if self._t != 1.0:
             out = out - (nf - 1) * math.log(self._t)
-        return torch.where(n > 0, out, torch.full_like(out, float("-inf")))
+        out = torch.where(n > 0, out, torch.full_like(out, float("-inf")))
+        return _nan_rows(out, self._bad)
 
     def _damping_mu(self, fn: str, damping: object) -> float:
         """``μ = λT`` for the validated damping λ: ``J/T + λI = (J + μI)/T``."""
@@ -394,12 +474,15 @@ class SoftmaxJacobian(_Structured):
         mu, p = self._damping_mu(fn, damping), self._p
 
         def op(pp: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            ev = _core.pow2_exponent(
+                v, normalise=True
+            )  # b scaled by a power of two: u cannot overflow inside
             d = pp + mu
-            u = v / d
+            u = _core.ldexp(v, -ev) / d
             w = pp / d
             den = mu * w.sum(-1, keepdim=True)
             den = torch.where(den > 0, den, torch.ones_like(den))
-            return u + w * ((pp * u).sum(-1, keepdim=True) / den)
+            return _core.ldexp(u + w * ((pp * u).sum(-1, keepdim=True) / den), ev)
 
         out = _apply(fn, p, b, op)
         return out if self._t == 1.0 else out * self._t
@@ -426,12 +509,12 @@ class SoftmaxJacobian(_Structured):
     # ------------------------------------------------------------------ factors
     def sqrt_factor(self) -> SoftmaxJacobianSqrtFactor:
         """``S = (diag(√σ) − σ√σᵀ)/√T`` with ``S Sᵀ = J/T``, as an operator (O(K) products)."""
-        return SoftmaxJacobianSqrtFactor(self._p, self._t)
+        return SoftmaxJacobianSqrtFactor(self._p, self._t, log_probs=self._log_p)
 
     def cholesky_factor(self) -> SoftmaxJacobianCholeskyFactor:
         """The exact lower-triangular ``L`` with ``L Lᵀ = J/T`` (from tail sums), as an
         operator with O(K) products; see :class:`SoftmaxJacobianCholeskyFactor`."""
-        return SoftmaxJacobianCholeskyFactor(self._p, self._t)
+        return SoftmaxJacobianCholeskyFactor(self._p, self._t, log_probs=self._log_p)
 
     # ------------------------------------------------------------------ interop
     def to_scipy(self):
@@ -476,34 +559,60 @@ class SoftmaxJacobianPinv(_Structured):
     ``J⁺ = P diag(1/σ) P`` on the support S (zero rows and columns outside it), with
     ``P = I − 1_S 1_Sᵀ/|S|``; products cost O(K). Also ``(J + 1_S1_Sᵀ/|S|)⁻¹ = J⁺ +
     1_S1_Sᵀ/|S|`` on the support. Symmetric; ``T`` is itself. A fully masked slice gives 0.
+
+    ``1/σ`` is applied as ``â · 2^E`` (``2^E`` about the largest ``1/σ_i``, ``â ≤ 2``), so
+    nothing overflows inside; the result overflows to ±inf only where its exact value does
+    (an entry σ_i below ``1/max float``). ``log_probs`` (log σ, −inf off the support; from
+    log-softmax for an operator built from logits) supplies the support and ``1/σ_i`` where
+    σ_i underflowed; without it, the support is ``σ > 0``.
     """
 
     is_symmetric = True
     is_positive_semidefinite = True
 
-    def __init__(self, probs: torch.Tensor, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        probs: torch.Tensor,
+        temperature: float = 1.0,
+        *,
+        log_probs: torch.Tensor | None = None,
+    ) -> None:
         self._p = probs
         self._t = float(temperature)
+        if log_probs is None:
+            log_probs = torch.where(probs > 0, probs, torch.ones_like(probs)).log()
+            log_probs = log_probs.masked_fill(~(probs > 0), float("-inf"))
+            log_probs = torch.where(torch.isnan(probs), probs, log_probs)
+        self._log_p = log_probs
+        self._bad = torch.isnan(probs.detach()).any(-1)
 
     @property
     def T(self) -> SoftmaxJacobianPinv:
         return self
 
-    @staticmethod
-    def _op(p: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
-        sup = _support(p)
+    def _parts(self, p: torch.Tensor, lp: torch.Tensor):
+        sup = _support(lp)
         n = sup.sum(-1, keepdim=True).clamp_min(1).to(p.dtype)
+        a, e = _inv_scale(p, lp, sup)
+        return sup, n, a, e
+
+    def _op(self, p: torch.Tensor, v: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        sup, n, a, e = self._parts(p, lp)
         zero = torch.zeros_like(v)
-        y = torch.where(sup, v, zero)
+        ev = _core.pow2_exponent(v, normalise=True)
+        y = torch.where(sup, _core.ldexp(v, -ev), zero)
         y = torch.where(sup, y - y.sum(-1, keepdim=True) / n, zero)
-        u = y / torch.where(sup, p, torch.ones_like(p))
+        u = y * a
         out = torch.where(sup, u - u.sum(-1, keepdim=True) / n, zero)
-        return out if t == 1.0 else out * t
+        out = _core.ldexp(out, e + ev)
+        bad = torch.isnan(p).any(-1, keepdim=True)
+        out = out.masked_fill(bad, math.nan) if bool(bad.any()) else out
+        return out if self._t == 1.0 else out * self._t
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``T·P diag(1/σ) P x`` (centre on S, divide by σ, centre again); O(K·m)."""
         return _apply(
-            "softjac.SoftmaxJacobianPinv.matmul", self._p, x, lambda p, v: self._op(p, v, self._t)
+            "softjac.SoftmaxJacobianPinv.matmul", self._p, x, self._op, extra=(self._log_p,)
         )
 
     def rmatmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -511,22 +620,43 @@ class SoftmaxJacobianPinv(_Structured):
             "softjac.SoftmaxJacobianPinv.rmatmul",
             self._p,
             x,
-            lambda p, v: self._op(p, v, self._t),
+            self._op,
             left=True,
+            extra=(self._log_p,),
         )
 
-    def to_dense(self) -> torch.Tensor:
-        """``T·[δ_ij/σ_i − (1/σ_i + 1/σ_j)/n + Σ_k(1/σ_k)/n²]`` on S×S (n = |S|), else 0; O(K²)."""
+    def to_dense(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """``T·[δ_ij/σ_i − (1/σ_i + 1/σ_j)/n + Σ_k(1/σ_k)/n²]`` on S×S (n = |S|), else 0; O(K²).
+
+        Formed from ``â = 2^−E/σ`` and scaled by ``2^E`` at the end (±inf only where the exact
+        entry overflows). Refuses (``ValueError``) a result above ``max_bytes``."""
+        check_dense_size(
+            "softjac.SoftmaxJacobianPinv.to_dense",
+            self.shape,
+            self.dtype,
+            max_bytes,
+            temporaries=2,
+            hint=_DENSE_HINT,
+        )
         p = self._p
-        sup = _support(p)
-        n = sup.sum(-1, keepdim=True).clamp_min(1).to(p.dtype)
-        a = torch.where(sup, 1 / torch.where(sup, p, torch.ones_like(p)), torch.zeros_like(p))
+        sup, n, a, e = self._parts(p, self._log_p)
         tot = a.sum(-1, keepdim=True)
         dense = torch.diag_embed(a) - (a.unsqueeze(-1) + a.unsqueeze(-2)) / n.unsqueeze(-1)
         dense = dense + (tot / (n * n)).unsqueeze(-1)
         both = sup.unsqueeze(-1) & sup.unsqueeze(-2)
         dense = torch.where(both, dense, torch.zeros_like(dense))
+        dense = _nan_rows(_core.ldexp(dense, e.unsqueeze(-1)), self._bad)
         return dense if self._t == 1.0 else dense * self._t
+
+
+def _sqrt_probs(p: torch.Tensor, log_p: torch.Tensor | None) -> torch.Tensor:
+    """``√σ``, from log σ where σ is below the normal range (``√σ`` stays representable for
+    σ down to the square of the smallest float)."""
+    r = p.sqrt()
+    if log_p is None:
+        return r
+    small = p < torch.finfo(p.dtype).tiny
+    return torch.where(small, torch.exp(0.5 * log_p), r)
 
 
 class SoftmaxJacobianSqrtFactor(_Structured):
@@ -534,54 +664,78 @@ class SoftmaxJacobianSqrtFactor(_Structured):
 
     ``S x = √σ ⊙ x − σ ⟨√σ, x⟩`` and ``Sᵀ y = √σ ⊙ (y − ⟨σ, y⟩)``, the argmax entries formed
     without cancellation (``1 − σ_{i*} = Σ_{j≠i*} σ_j``). ``.T`` is the transposed factor.
+    ``√σ_i`` comes from ``log_probs`` where σ_i underflowed (the diagonal ``√σ_i`` stays exact
+    down to σ_i ≈ 1e-600 in float64).
     """
 
     is_symmetric = False
 
-    def __init__(self, probs: torch.Tensor, temperature: float = 1.0, transposed: bool = False):
+    def __init__(
+        self,
+        probs: torch.Tensor,
+        temperature: float = 1.0,
+        transposed: bool = False,
+        *,
+        log_probs: torch.Tensor | None = None,
+    ):
         self._p = probs
         self._t = float(temperature)
         self._transposed = transposed
+        self._log_p = log_probs
+        self._r = _sqrt_probs(probs, log_probs)
 
     @property
     def T(self) -> SoftmaxJacobianSqrtFactor:
-        return SoftmaxJacobianSqrtFactor(self._p, self._t, not self._transposed)
+        return SoftmaxJacobianSqrtFactor(
+            self._p, self._t, not self._transposed, log_probs=self._log_p
+        )
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._t == 1.0 else x / math.sqrt(self._t)
 
     @staticmethod
-    def _s(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _s(p: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         # (S v)_i = √σ_i v_i − σ_i Σ_j √σ_j v_j; argmax: √σ v (1 − σ) − σ Σ_{j≠i*} √σ_j v_j.
-        rv = p.sqrt() * v
+        ev = _core.pow2_exponent(v, normalise=True)
+        rv = r * _core.ldexp(v, -ev)
         out = rv - p * rv.sum(-1, keepdim=True)
         idx = _core.argmax_index(p)
         rest = rv.scatter(-1, idx, 0.0).sum(-1, keepdim=True)
         star = rv.gather(-1, idx) * _core.max_complement(p, idx) - p.gather(-1, idx) * rest
-        return out.scatter(-1, idx, star)
+        return _core.ldexp(out.scatter(-1, idx, star), ev)
 
     @staticmethod
-    def _st(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _st(p: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         # (Sᵀ v)_i = √σ_i (v_i − ⟨σ, v⟩); argmax: √σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j).
-        return p.sqrt() * _core.centred_last(p, v)
+        return r * _core.centred_last(p, v)
 
-    def _fwd(self, transposed: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _fwd(self, transposed: bool) -> Callable[..., torch.Tensor]:
         return self._st if transposed else self._s
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``S x`` (or ``Sᵀ x`` for the transposed factor); O(K·m)."""
         fn = "softjac.SoftmaxJacobianSqrtFactor.matmul"
-        return self._scaled(_apply(fn, self._p, x, self._fwd(self._transposed)))
+        op = self._fwd(self._transposed)
+        return self._scaled(_apply(fn, self._p, x, op, extra=(self._r,)))
 
     def rmatmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x S = (Sᵀ xᵀ)ᵀ``; O(K·m)."""
         fn = "softjac.SoftmaxJacobianSqrtFactor.rmatmul"
-        return self._scaled(_apply(fn, self._p, x, self._fwd(not self._transposed), left=True))
+        op = self._fwd(not self._transposed)
+        return self._scaled(_apply(fn, self._p, x, op, left=True, extra=(self._r,)))
 
-    def to_dense(self) -> torch.Tensor:
-        """Dense S (or Sᵀ), diagonal ``√σ_i(1 − σ_i)`` with the accurate complement; O(K²)."""
-        p = self._p
-        r = p.sqrt()
+    def to_dense(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """Dense S (or Sᵀ), diagonal ``√σ_i(1 − σ_i)`` with the accurate complement; O(K²).
+        Refuses (``ValueError``) a result above ``max_bytes`` (default 4 GiB)."""
+        check_dense_size(
+            "softjac.SoftmaxJacobianSqrtFactor.to_dense",
+            self.shape,
+            self.dtype,
+            max_bytes,
+            temporaries=1,
+            hint=_DENSE_HINT,
+        )
+        p, r = self._p, self._r
         dense = -(p.unsqueeze(-1) * r.unsqueeze(-2))
         dense = dense.diagonal_scatter(r * _core.one_minus(p), dim1=-2, dim2=-1)
         dense = dense.mT if self._transposed else dense
@@ -600,15 +754,35 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
     ``L x = diag(L) x − σ ⊙ (exclusive cumsum of β ⊙ x)`` and
     ``Lᵀ y = diag(L) y − β ⊙ (reverse exclusive cumsum of σ ⊙ y)`` cost O(K). The order is
     the natural order of the classes. ``.T`` is ``Lᵀ``.
+
+    Scaled form: ``L_ii = √(σ_i/c_{i−1}) · √c_i`` and ``β_i = √(σ_i/c_{i−1}) / √c_i`` (the
+    ratio lies in (0, 1]; ``1/√c_i`` stays below ``1/√(smallest float)``), so nothing
+    overflows. Where σ or a tail sum is below the normal range, the entries of
+    :meth:`to_dense` (and the diagonal and β used by the products) come from log σ and
+    log-sum-exp tail sums instead, so a representable entry is not lost to underflow:
+    ``[-5, 0, -300, -650, -690]`` gives finite, exact factors. Products may still round a
+    term ``σ_j β_i x_i`` whose σ_j underflowed to 0.
     """
 
     is_symmetric = False
 
-    def __init__(self, probs: torch.Tensor, temperature: float = 1.0, transposed: bool = False):
+    def __init__(
+        self,
+        probs: torch.Tensor,
+        temperature: float = 1.0,
+        transposed: bool = False,
+        *,
+        log_probs: torch.Tensor | None = None,
+    ):
         self._p = probs
         self._t = float(temperature)
         self._transposed = transposed
         p = probs
+        tiny = torch.finfo(p.dtype).tiny
+        if log_probs is None:
+            log_probs = torch.where(p > 0, p, torch.ones_like(p)).log()
+            log_probs = torch.where(p > 0, log_probs, torch.full_like(p, float("-inf")))
+        self._log_p = log_probs
         tail_incl = torch.flip(torch.cumsum(torch.flip(p, [-1]), -1), [-1])  # c_{i-1}
         # c_i = Σ_{j>i} σ_j, the shifted sums (not c_{i−1} − σ_i, which would cancel)
         tail = torch.cat([tail_incl[..., 1:], torch.zeros_like(tail_incl[..., :1])], dim=-1)
@@ -616,14 +790,32 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
         one = torch.ones_like(p)
         safe_incl = torch.where(pos, tail_incl, one)
         safe_tail = torch.where(pos, tail, one)
-        self._diag = torch.where(pos, (p * safe_tail / safe_incl).sqrt(), torch.zeros_like(p))
-        self._beta = torch.where(pos, (p / (safe_incl * safe_tail)).sqrt(), torch.zeros_like(p))
+        frac = (p / safe_incl).sqrt()  # √(σ_i / c_{i−1}) ∈ (0, 1]
+        root = safe_tail.sqrt()
+        diag = torch.where(pos, frac * root, torch.zeros_like(p))
+        beta = torch.where(pos, frac / root, torch.zeros_like(p))
+        # log form where σ_i or c_i is below the normal range
+        lt_incl = torch.flip(torch.logcumsumexp(torch.flip(log_probs, [-1]), -1), [-1])
+        lt = torch.cat([lt_incl[..., 1:], torch.full_like(lt_incl[..., :1], float("-inf"))], dim=-1)
+        self._normal = (p >= tiny) & (tail >= tiny)
+        has_tail = lt > float("-inf")
+        safe_lt = torch.where(has_tail, lt, torch.zeros_like(lt))
+        lhalf = 0.5 * (log_probs - lt_incl)
+        self._ldiag = torch.where(has_tail, lhalf + 0.5 * safe_lt, float("-inf"))
+        self._lbeta = torch.where(has_tail, lhalf - 0.5 * safe_lt, float("-inf"))
+        big = torch.finfo(p.dtype).max
+        self._diag = torch.where(self._normal, diag, self._ldiag.exp())
+        self._beta = torch.where(self._normal, beta, self._lbeta.exp().clamp_max(big))
+        self._bad = torch.isnan(p.detach()).any(-1)
+        if bool(self._bad.any()):
+            self._diag = _nan_rows(self._diag, self._bad)
+            self._beta = _nan_rows(self._beta, self._bad)
 
     @property
     def T(self) -> SoftmaxJacobianCholeskyFactor:
         f = SoftmaxJacobianCholeskyFactor.__new__(SoftmaxJacobianCholeskyFactor)
-        f._p, f._t, f._transposed = self._p, self._t, not self._transposed
-        f._diag, f._beta = self._diag, self._beta
+        f.__dict__.update(self.__dict__)
+        f._transposed = not self._transposed
         return f
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
@@ -632,15 +824,19 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
     @staticmethod
     def _l(p, v, diag, beta):
         # exclusive prefix sums by shifting (not cumsum − term, which cancels when β is huge)
+        ev = _core.pow2_exponent(v, normalise=True)
+        v = _core.ldexp(v, -ev)
         csum = torch.cumsum(beta * v, -1)
         excl = torch.cat([torch.zeros_like(csum[..., :1]), csum[..., :-1]], dim=-1)
-        return diag * v - p * excl
+        return _core.ldexp(diag * v - p * excl, ev)
 
     @staticmethod
     def _lt(p, v, diag, beta):
+        ev = _core.pow2_exponent(v, normalise=True)
+        v = _core.ldexp(v, -ev)
         rsum = torch.flip(torch.cumsum(torch.flip(p * v, [-1]), -1), [-1])
         rexcl = torch.cat([rsum[..., 1:], torch.zeros_like(rsum[..., :1])], dim=-1)
-        return diag * v - beta * rexcl
+        return _core.ldexp(diag * v - beta * rexcl, ev)
 
     def _run(self, fn: str, x: torch.Tensor, transposed: bool, left: bool) -> torch.Tensor:
         op = self._lt if transposed else self._l
@@ -659,13 +855,27 @@ class SoftmaxJacobianCholeskyFactor(_Structured):
             "softjac.SoftmaxJacobianCholeskyFactor.rmatmul", x, not self._transposed, left=True
         )
 
-    def to_dense(self) -> torch.Tensor:
-        """Dense L (or Lᵀ), lower (upper) triangular; O(K²)."""
+    def to_dense(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        """Dense L (or Lᵀ), lower (upper) triangular; O(K²). Entries ``−σ_j β_i`` whose
+        factors are below the normal range are formed as ``−exp(log σ_j + log β_i)``.
+        Refuses (``ValueError``) a result above ``max_bytes`` (default 4 GiB)."""
+        check_dense_size(
+            "softjac.SoftmaxJacobianCholeskyFactor.to_dense",
+            self.shape,
+            self.dtype,
+            max_bytes,
+            temporaries=3,
+            hint=_DENSE_HINT,
+        )
         p = self._p
         k = p.shape[-1]
+        tiny = torch.finfo(p.dtype).tiny
         ar = torch.arange(k, device=p.device)
         below = ar[:, None] > ar[None, :]
-        dense = torch.where(below, -(p.unsqueeze(-1) * self._beta.unsqueeze(-2)), 0.0)
-        dense = dense + torch.diag_embed(self._diag)
+        direct = -(p.unsqueeze(-1) * self._beta.unsqueeze(-2))
+        ok = (p >= tiny).unsqueeze(-1) & self._normal.unsqueeze(-2)
+        via_log = -torch.exp(self._log_p.unsqueeze(-1) + self._lbeta.unsqueeze(-2))
+        dense = torch.where(below, torch.where(ok, direct, via_log), 0.0)
+        dense = _nan_rows(dense + torch.diag_embed(self._diag), self._bad)
         dense = dense.mT if self._transposed else dense
         return self._scaled(dense)

@@ -2,12 +2,13 @@
 
 J is a diagonal matrix minus a rank-one matrix, so its whole spectrum follows from σ in
 O(K²) work per slice instead of the O(K³) of a dense eigendecomposition
-(``shared/MATH.md``, "Spectrum"):
+(``docs/math.md``, "Spectrum"):
 
 * **Deflation (exact).** Sort σ ascending. An entry with ``σ_i = 0`` (masked or underflowed;
   subnormal σ, which carry no relative precision, count as 0) gives the eigenvalue 0 with
-  eigenvector ``e_i``. A run of m equal values ``s`` (a tie,
-  compared with ``==``, no tolerance) gives the eigenvalue ``s`` m − 1 times, with the Helmert
+  eigenvector ``e_i``. That is honest: the eigenvalue in the interval above the k-th smallest
+  pole σ_k lies below ``(k+1)·σ_k``, so it is itself 0 or subnormal. A run of m equal values
+  ``s`` (a tie, compared with ``==``, no tolerance) gives the eigenvalue ``s`` m − 1 times, with the Helmert
   vectors of the run as eigenvectors (``(e_i − e_j)/√2`` for a pair); the run then takes part
   in the rank-one problem once, with the weight ``c = m·s`` at the pole ``d = s``.
 * **The null vector.** ``J 1_S = 0`` on the support S (``Σσ = 1``): one eigenvalue is exactly
@@ -35,12 +36,15 @@ O(K²) work per slice instead of the O(K³) of a dense eigendecomposition
 * **Eigenvectors (Gu–Eisenstat).** The weights are recomputed from the computed roots with
   Löwner's formula ``ŵ_i² = −∏_k (μ_k − d_i) / ∏_{j≠i} (d_j − d_i)`` (μ over all eigenvalues of
   the deflated problem, the 0 included), evaluated as ``d_i`` times a product of ratios that
-  each lie in (0, 1) (no overflow), from the stored differences. Then
-  ``v_k ∝ ŵ / (d − μ_k)`` are orthogonal to working precision even when σ values cluster.
+  each lie in (0, 1) (no overflow), from the stored differences (square roots taken per factor, so ŵ_i ≈ σ_i
+  never squares into underflow). Then ``v_k ∝ ŵ / (d − μ_k)``, formed from mantissas and
+  exponents with each vector's largest exponent taken out, are orthogonal to working
+  precision even when σ values cluster or span the whole exponent range.
 
 Costs: O(K log K) for the sort, O(K) per root per iteration (O(K²) per iteration for all
 roots), O(K²) for the eigenvectors; memory O(K) per slice for the eigenvalues (O(K·chunk) on
-the PyTorch path), O(K²) for the eigenvectors. ``σ`` is assumed to sum to 1 (the g form of
+the PyTorch path), O(K²) for the eigenvectors. A slice holding a NaN gives NaN eigenvalues
+(and eigenvectors). ``σ`` is assumed to sum to 1 (the g form of
 the secular equation uses it); that is what makes every eigenvalue relatively accurate.
 """
 
@@ -169,7 +173,7 @@ def _secular_sums(
             ]
             start += cnt
     else:
-        chunks = [(a, min(n, a + step), None) for a in range(0, n, step)]
+        chunks = [(a, min(n, a + step), None) for a in range(0, n, step)]  # type: ignore[misc]
     for a, e, bid in chunks:
         if bid is not None:
             w = c[bid]
@@ -276,6 +280,11 @@ def _solve_roots(
         dd = torch.where(lft, t_r, t_l) - t_o
         qa = a_o * dd
         qb = a_o + a_x + cc * dd
+        # Normalised so that the squares below cannot overflow when the interval is huge
+        # relative to |τ| (u1 and u2 do not depend on the scale).
+        qn = torch.maximum(torch.maximum(qa.abs(), qb.abs()), cc.abs()).clamp_min(tiny)
+        qn = torch.where(torch.isfinite(qn), qn, torch.ones_like(qn))
+        qa, qb, cc = qa / qn, qb / qn, cc / qn
         disc = (qb * qb - 4 * qa * cc).clamp_min(0).sqrt()
         q = 0.5 * (qb + torch.copysign(disc, qb))
         u1 = qa / q
@@ -325,9 +334,13 @@ def _solve_roots(
     return o, out_tau
 
 
-def _flatten(p: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+def _flatten(p: torch.Tensor) -> tuple[torch.Tensor, torch.Size, torch.Tensor]:
+    """``(B, K)`` view of σ, the batch shape, and the rows holding a NaN (those are solved as
+    all-zero rows and their results replaced by NaN: NaN in a slice gives NaN out)."""
     batch = p.shape[:-1]
-    return p.reshape(-1, p.shape[-1]), batch
+    flat = p.reshape(-1, p.shape[-1])
+    bad = torch.isnan(flat).any(-1)
+    return flat.masked_fill(bad[:, None], 0.0), batch, bad
 
 
 def _position_eigenvalues(st: _Structure, max_iter: int) -> tuple[torch.Tensor, tuple]:
@@ -349,12 +362,13 @@ def secular_eigvalsh(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> torch.Tens
     O(K²) per slice (O(K) per root per iteration), O(K²) memory; no autograd.
     """
     p = p.detach()
-    flat, _ = _flatten(p)
+    flat, _, bad = _flatten(p)
     if flat.shape[0] == 0:
         return p.new_zeros(p.shape)
     st = _Structure(flat)
     ev, _ = _position_eigenvalues(st, max_iter)
-    return torch.roll(ev, 1, dims=-1).reshape(p.shape)
+    ev = torch.roll(ev, 1, dims=-1).masked_fill(bad[:, None], math.nan)
+    return ev.reshape(p.shape)
 
 
 def secular_spectral_norm(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> torch.Tensor:
@@ -364,7 +378,7 @@ def secular_spectral_norm(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> torch
     top interval (between the two largest distinct values), else 0.
     """
     p = p.detach()
-    flat, batch = _flatten(p)
+    flat, batch, bad = _flatten(p)
     if flat.shape[0] == 0:
         return p.new_zeros(batch)
     st = _Structure(flat)
@@ -377,7 +391,7 @@ def secular_spectral_norm(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> torch
     o, tau = _solve_roots(st, rb, rk, max_iter)
     if rb.numel():
         out = out.index_put((rb,), st.s[rb, o] + tau)
-    return out.reshape(batch)
+    return out.masked_fill(bad, math.nan).reshape(batch)
 
 
 def secular_eigh(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,7 +403,7 @@ def secular_eigh(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> tuple[torch.Te
     ``Q diag(λ) Qᵀ = J``. O(K²) per slice and memory; no autograd.
     """
     p = p.detach()
-    flat, batch = _flatten(p)
+    flat, batch, bad = _flatten(p)
     k = p.shape[-1]
     if flat.shape[0] == 0:
         return p.new_zeros(p.shape), p.new_zeros((*p.shape, k))
@@ -415,14 +429,30 @@ def secular_eigh(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> tuple[torch.Te
     den = s[:, None, :] - torch.where(below, s[:, :, None], s_nxt[:, :, None])
     use = st.has_root[:, :, None] & st.rep[:, None, :]
     ratio = torch.div(tmat, den.masked_fill_(~use, 1.0)).masked_fill_(~use, 1.0)
-    w2 = s * ratio.prod(dim=-2)
+    # ŵ_i = √d_i ∏_k √ratio: the square roots are taken first, so the product (of factors in
+    # (0, 1]) underflows only where ŵ_i itself does; ŵ_i² (about σ_i²) would underflow for
+    # σ_i below ~1e-154 in float64 and lose every tiny eigenvalue's eigenvector.
+    what = s.sqrt() * ratio.clamp_min_(0).sqrt_().prod(dim=-2)
     del ratio, den
-    what = torch.where(st.rep, w2.clamp_min(0).sqrt(), torch.zeros_like(s))
+    what = torch.where(st.rep, what, torch.zeros_like(s))
     omega = what.gather(1, st.end.clamp_max(k - 1)) / st.m.to(dtype).sqrt()
     omega = torch.where(st.support, omega, torch.zeros_like(omega))
-    # Root rows: ŵ/(d − μ_k), normalised (scaled by the largest entry first: no overflow).
-    v = torch.div(omega[:, None, :], tmat, out=tmat)
-    v.div_(v.abs().amax(-1, keepdim=True).clamp_min_(tiny))
+    # Root rows: ŵ_j/(d_j − μ_k), formed as (mantissa ratio) · 2^(exponent difference) with
+    # the row's largest exponent taken out first, so no entry overflows or underflows
+    # prematurely whatever the spread of the poles and of μ_k (entries of 1e300 and 1e-300 in
+    # one vector keep their ratio); then normalised.
+    mw, ew = torch.frexp(omega)
+    mt, et = torch.frexp(tmat)
+    del tmat
+    v = torch.div(mw[:, None, :], mt, out=mt)
+    expo = (ew[:, None, :] - et).to(dtype)
+    del et
+    live = (omega != 0)[:, None, :].expand_as(v)
+    expo.masked_fill_(~live, -math.inf)
+    top = expo.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    v.mul_(torch.exp2(expo.sub_(top))).masked_fill_(~live, 0.0)
+    del expo
     v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min_(tiny))
     # Every other row: zero, then e_p (zero entries), 1_S/√|S| (the null vector, last
     # position), or a Helmert vector (ties).
@@ -446,4 +476,6 @@ def secular_eigh(p: torch.Tensor, *, max_iter: int = MAX_ITER) -> tuple[torch.Te
     v = torch.roll(v, 1, dims=-2)  # row c = eigenvector c in sorted coordinates
     evals = torch.roll(ev, 1, dims=-1)
     q = torch.empty_like(v).scatter_(-2, st.perm[:, :, None].expand(nb, k, k), v.mT)
+    evals = evals.masked_fill(bad[:, None], math.nan)
+    q = q.masked_fill(bad[:, None, None], math.nan)
     return evals.reshape(p.shape), q.reshape(*batch, k, k)

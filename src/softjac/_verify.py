@@ -2,7 +2,7 @@
 ``verify_jacobian_properties``, made an API).
 
 :func:`check_properties` takes J from :func:`softjac.jacobian` and checks the eight facts the
-tutorial states, each corrected where the tutorial is wrong (``shared/MATH.md``):
+tutorial states, each corrected where the tutorial is wrong (``docs/math.md``):
 
 =====================  =================================================================
 symmetry               ``J = Jᵀ``
@@ -38,10 +38,11 @@ floor for gradual underflow (entries below ``tiny`` lose relative precision).
 
 The numerical rank counts the eigenvalues above ``τ = atol + rtol · λ_max`` (the usual
 ``matrix_rank`` threshold, scaled by ``ε``, K and ``‖J‖₂``). It is compared with the *exact*
-count of nonzero σ_i. Because the eigenvalues interlace the sorted σ, a σ_i at or below about
+count of nonzero σ_i: every unmasked entry, also one whose rounded σ_i underflowed to 0 (the
+exact σ_i is positive). Because the eigenvalues interlace the sorted σ, a σ_i at or below about
 ``τ`` can legitimately hide one eigenvalue under the threshold; the rank property reports the
-rank deficit as its residual and the number of such unresolvable σ_i (``0 < σ_i ≤ 2τ``) as its
-tolerance.
+rank deficit as its residual and the number of such unresolvable σ_i (unmasked, rounded
+``σ_i ≤ 2τ``) as its tolerance.
 
 Eigenvalues are always computed with ``torch.linalg.eigvalsh`` on a float64 copy of J: an
 independent dense check, not softjac's own spectral code. The reference values for the diagonal
@@ -495,15 +496,16 @@ def check_properties(
         )
     )
 
-    # 4. rank = (number of nonzero σ) − 1
-    # σ as softjac computes it (input dtype), to count the exact zeros
+    # 4. rank = #{σ_i > 0} − 1 with the exact σ: every unmasked entry counts, also where the
+    # rounded σ_i underflows to 0 (those tiny eigenvalues cannot be resolved: "unresolved")
     probs = softmax(logits, d, mask=mask, temperature=t).detach()
     probs = probs.to(device="cpu", dtype=torch.float64).movedim(d, -1).reshape(-1, k)
-    nnz = (probs != 0).sum(dim=-1)
+    support = z > float("-inf")
+    nnz = support.sum(dim=-1)
     expected = (nnz - 1).clamp_min(0)
     tau = tol(lam_max.abs())
     num_rank = (lam.abs() > tau.unsqueeze(-1)).sum(dim=-1)  # singular values of symmetric J
-    unresolved = ((probs > 0) & (probs <= 2 * tau.unsqueeze(-1) * t)).sum(dim=-1)
+    unresolved = (support & (probs <= 2 * tau.unsqueeze(-1) * t)).sum(dim=-1)
     deficit = (expected - num_rank).abs().to(torch.float64)
     results.append(
         _worst(
