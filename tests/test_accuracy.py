@@ -1,7 +1,7 @@
 """Golden accuracy tests: every entry relative to its own size, against mpmath at 50 digits.
 
 The bound for an entry x is ``|x̂ − x| ≤ c · eps · (1 + Δ) · scale + tiny`` where Δ is the
-largest finite ``|z_i − max z| / T`` (the inherent error of any method, ``shared/MATH.md``),
+largest finite ``|z_i − max z| / T`` (the inherent error of any method, ``docs/math.md``),
 ``scale`` is ``|x|`` for σ and J and the sum of the magnitudes of the terms of the entry for
 ``J v``, and ``tiny`` (1e-300) only forgives float64 underflow.
 """

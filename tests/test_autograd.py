@@ -160,7 +160,7 @@ def test_all_minus_inf_input_row():
 
 
 def test_backward_keeps_the_argmax_entry_accurate():
-    # foundation issue's example: autograd through torch.softmax returns 0 here
+    # the README's example: autograd through torch.softmax returns 0 here
     z = torch.tensor([37.42994775023705, 0.0], dtype=F64, requires_grad=True)
     p = softmax_last_autograd(z)
     (g,) = torch.autograd.grad(p, z, torch.tensor([1.0, 0.0], dtype=F64))
@@ -373,7 +373,7 @@ def test_public_cross_entropy_uses_the_function():
 
 
 # ---------------------------------------------------------------------------------------------
-# needs the lead's wiring of softjac.softmax to SoftmaxLast (issue 4 §1)
+# softjac.softmax is wired to SoftmaxLast
 # ---------------------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ and knows nothing of autograd, ``dim`` handling or validation. These are the pur
 implementations; ``softjac.kernels`` provides fused versions of the hot ones and is tested
 against these.
 
-Accuracy (``shared/MATH.md``, "Accuracy on extreme logits"):
+Accuracy (``docs/math.md``, "Accuracy on extreme logits"):
 
 * ``σ = exp(z − lse(z))`` with masked (−inf) entries giving exactly 0 and a fully masked
   slice giving all zeros (the log-sum-exp of an empty slice is replaced by 0, never −inf).
@@ -192,7 +192,7 @@ def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def hessian_last(p: torch.Tensor) -> torch.Tensor:
     """``H[..., i, j, k] = ∂²σ_i / ∂z_j ∂z_k = J_ij (δ_ik − p_k) − p_i J_jk``; O(K³) per row.
 
-    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``shared/MATH.md``.)
+    (Equal to ``σ_i(δ_ij − σ_j)(δ_ik − σ_k) − σ_iσ_j(δ_jk − σ_k)``, ``docs/math.md``, Derivatives.)
     """
     jac = jacobian_last(p)
     lsj = -p.unsqueeze(-2).expand(jac.shape).clone()  # [i, k] = δ_ik − p_k

@@ -4,7 +4,7 @@
 stores σ (and log σ) only — O(K) memory per slice — and implements every operation as a
 closed form on σ (O(K)) or through the secular-equation eigen-solver of
 :mod:`softjac._spectral` (O(K²)); ``to_dense()`` exists for checking and small K. Formulas:
-``shared/MATH.md`` ("Closed forms", "Spectrum").
+``docs/math.md`` ("Closed forms", "Spectrum").
 
 Conventions (as in :mod:`softjac._functional`): ``dim`` is moved last, so the operator is the
 batch ``(*batch, K, K)``; ``mask`` True keeps an entry, ``-inf`` logits are masked too;

@@ -2,7 +2,7 @@
 
 J is a diagonal matrix minus a rank-one matrix, so its whole spectrum follows from σ in
 O(K²) work per slice instead of the O(K³) of a dense eigendecomposition
-(``shared/MATH.md``, "Spectrum"):
+(``docs/math.md``, "Spectrum"):
 
 * **Deflation (exact).** Sort σ ascending. An entry with ``σ_i = 0`` (masked or underflowed;
   subnormal σ, which carry no relative precision, count as 0) gives the eigenvalue 0 with

@@ -2,7 +2,7 @@
 ``verify_jacobian_properties``, made an API).
 
 :func:`check_properties` takes J from :func:`softjac.jacobian` and checks the eight facts the
-tutorial states, each corrected where the tutorial is wrong (``shared/MATH.md``):
+tutorial states, each corrected where the tutorial is wrong (``docs/math.md``):
 
 =====================  =================================================================
 symmetry               ``J = Jᵀ``

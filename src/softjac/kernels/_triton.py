@@ -16,8 +16,8 @@ Softmax VJP, ``J v = σ ⊙ (v − ⟨σ, v⟩)`` with the argmax entry as
   chunk's part of ``t``; phase 3 (one program per row) fixes the argmax entry. Traffic 5·K
   element transfers (the chunk is read twice). A one-read long-row path needs a grid-wide
   barrier between the phases (all chunks of a row resident at once, e.g. thread-block clusters),
-  which the Triton interpreter cannot run and which could not be tested without a GPU in this
-  session; see ``docs/benchmarks.md``.
+  which the Triton interpreter cannot run and which has not been tested on a GPU; see
+  ``docs/benchmarks.md``.
 
 ``from_logits`` variants recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
 −inf and ``lse`` anything give σ = 0).
