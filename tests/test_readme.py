@@ -262,3 +262,30 @@ def test_license_matches_pyproject():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.startswith("MIT License")
     assert "Copyright (c) 2026 softjac developers" in text
+
+
+def test_docstring_examples_run_as_doctests():
+    """The ``>>>`` examples of every module's docstrings (softjac.kernels._triton is left out:
+    importing it here would compile its kernels outside Triton's interpreter)."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    names = ["softjac"] + [
+        m.name
+        for m in pkgutil.walk_packages(softjac.__path__, prefix="softjac.")
+        if m.name != "softjac.kernels._triton" and m.name != "softjac.__main__"
+    ]
+    attempted = 0
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a tool module whose optional dependency is missing
+            continue
+        for test in finder.find(module, name):
+            report: list[str] = []
+            result = runner.run(test, out=report.append)
+            assert result.failed == 0, "".join(report)
+            attempted += result.attempted
+    assert attempted >= 5, attempted

@@ -15,6 +15,8 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from softjac import _core
@@ -77,7 +79,9 @@ def _probs_last(fn, logits, dim, mask, temperature):
     return _core.softmax_last(z), d, t
 
 
-def _check_dense_size(fn: str, batch: torch.Size, k: int, dtype: torch.dtype, max_bytes: int):
+def _check_dense_size(
+    fn: str, batch: Sequence[int], k: int, dtype: torch.dtype, max_bytes: int
+) -> None:
     n = 1
     for s in batch:
         n *= s

@@ -52,7 +52,7 @@ def _apply(
     fn: str,
     p: torch.Tensor,
     x: object,
-    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    op: Callable[..., torch.Tensor],
     *,
     left: bool = False,
     extra: tuple[torch.Tensor, ...] = (),

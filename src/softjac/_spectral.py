@@ -171,7 +171,7 @@ def _secular_sums(
             ]
             start += cnt
     else:
-        chunks = [(a, min(n, a + step), None) for a in range(0, n, step)]
+        chunks = [(a, min(n, a + step), None) for a in range(0, n, step)]  # type: ignore[misc]
     for a, e, bid in chunks:
         if bid is not None:
             w = c[bid]

@@ -96,9 +96,9 @@ def build(source: Path, prefix: str, cc: str, flags: Sequence[str], parts: int =
             command = [cc, *flags, *objects, "-o", tmp]
         else:
             command = [cc, *flags, str(source), "-o", tmp]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise OSError(f"`{cc}` failed (exit {proc.returncode}): {proc.stderr.strip()[:500]}")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"`{cc}` failed (exit {done.returncode}): {done.stderr.strip()[:500]}")
         os.replace(tmp, target)  # atomic: a concurrent builder just overwrites the same bytes
     finally:
         for path in (tmp, *objects):

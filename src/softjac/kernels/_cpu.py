@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ _SUFFIX = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-_fns: dict[str, ctypes._CFuncPtr] = {}  # every entry point by name, typed by _load
+_fns: dict[str, Any] = {}  # every entry point (a ctypes function) by name, typed by _load
 
 
 # Module-level names so that tests can replace them (e.g. a missing compiler).

@@ -171,7 +171,7 @@ def softmax_vjp(
     o2 = out.view(-1, k)
     n = p2.shape[0]
     from_logits = lse is not None
-    lse1 = lse.reshape(-1).float().contiguous() if from_logits else p2  # dummy pointer if unused
+    lse1 = lse.reshape(-1).float().contiguous() if lse is not None else p2  # dummy if unused
     sp, sv, so = _row_stride(p2), _row_stride(v2), _row_stride(o2)
     if k <= split_threshold:
         block = vjp_block_size(k)
