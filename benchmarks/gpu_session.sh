@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run for a GPU session (the `device` tool lends an H100 for minutes at a time):
+# One prepared run on a GPU machine (a few minutes of GPU time):
 # correctness of the Triton kernels on the GPU first (tests/test_kernels_triton.py runs every
 # kernel test on CUDA when there is a device, the `gpu`-marked ones included), then the whole
 # kernel benchmark (which checks correctness again before timing).

@@ -6,7 +6,9 @@ deadline) unless ``HYPOTHESIS_PROFILE`` names another ("dev" draws more examples
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -55,3 +57,27 @@ TOL = {
     torch.bfloat16: 2e-2,
     torch.float16: 2e-3,
 }
+
+
+def triton_kernels_interpreted() -> bool | None:
+    """Whether softjac's Triton kernels run under Triton's interpreter in this process (None:
+    not imported yet). ``triton.jit`` decides at import time, from ``TRITON_INTERPRET``."""
+    module = sys.modules.get("softjac.kernels._triton")
+    if module is None:
+        return None
+    return any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values())
+
+
+@pytest.fixture
+def triton_device(monkeypatch) -> str:
+    """Make ``backend="triton"`` runnable and return the device to put tensors on: "cuda" with a
+    GPU, else "cpu" with ``TRITON_INTERPRET=1`` (the kernels run in Triton's interpreter; keep
+    sizes tiny). Skips when triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if triton_kernels_interpreted() is False:
+        pytest.skip("softjac's Triton kernels were imported without the interpreter")
+    return "cpu"

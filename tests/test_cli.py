@@ -6,8 +6,12 @@ import contextlib
 import io
 import json
 import math
+import os
+import struct
 import subprocess
 import sys
+import threading
+import warnings
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import softjac
-from softjac.cli import main
+from softjac.cli import MAX_FILE_BYTES, MAX_JACOBIAN_ENTRIES, MAX_K, main
 
 TUTORIAL = ["2", "1", "0.5", "-0.5"]
 
@@ -343,7 +347,7 @@ def test_bad_files(capsys, tmp_path):
         "garbage.pt": "cannot read",
         "dict.pt": "holds a dict, not a tensor",
         "complex.pt": "not real numbers",
-        "obj.npy": "cannot read",
+        "obj.npy": "holds object values, not real numbers",
         "cube.npy": "holds a 3-d array",
         "empty.npy": "holds no logits",
         "str.npy": "not real numbers",
@@ -377,6 +381,205 @@ def test_plot_errors(capsys, tmp_path):
     assert "--plot: cannot write" in line
     line = run_error(capsys, "explain", "1", "2", "--plot", str(tmp_path / "x.unknownformat"))
     assert "--plot: cannot write" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile --from files: refused with status 2 and one line, before anything large is read
+
+
+def _npy_bytes(header: str, data: bytes = b"", version: tuple[int, int] = (1, 0)) -> bytes:
+    """A .npy file written by hand, so that its header can lie."""
+    head = header.encode("latin1")
+    head += b" " * (-(len(head) + 11) % 64) + b"\n"
+    size = struct.pack("<H", len(head)) if version[0] == 1 else struct.pack("<I", len(head))
+    return b"\x93NUMPY" + bytes(version) + size + head + data
+
+
+def test_npy_writer_matches_numpy(tmp_path):
+    np = pytest.importorskip("numpy")
+    data = np.arange(6, dtype="<f8")
+    raw = _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }", data.tobytes())
+    (tmp_path / "z.npy").write_bytes(raw)
+    np.testing.assert_array_equal(np.load(tmp_path / "z.npy"), data.reshape(2, 3))
+
+
+def test_from_fifo_does_not_hang(capsys, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    fifo = tmp_path / "z.csv"
+    os.mkfifo(fifo)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(main(["explain", "--from", str(fifo)])))
+    thread.daemon = True
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # unblock the reader so the test process can end, then fail
+        with open(fifo, "w") as f:
+            f.write("1 2\n")
+        pytest.fail("softjac explain --from FIFO blocked")
+    assert result == [2]
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "is a FIFO (named pipe); only regular files are read" in err
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/null"])
+def test_from_symlink_to_a_device(capsys, tmp_path, target):
+    if not os.path.exists(target):
+        pytest.skip(f"no {target}")
+    link = tmp_path / "z.npy"
+    link.symlink_to(target)
+    line = run_error(capsys, "explain", "--from", str(link))
+    assert "is a character device; only regular files are read" in line
+    line = run_error(capsys, "explain", "--from", target)
+    assert "is a character device" in line
+
+
+def test_from_symlink_to_a_regular_file_is_followed(capsys, tmp_path):
+    (tmp_path / "real.csv").write_text("0 1\n")
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real.csv")
+    assert run_json(capsys, "--from", str(tmp_path / "link.csv"))["input"]["logits"] == [0.0, 1.0]
+
+
+def test_from_huge_file(capsys, tmp_path):
+    path = tmp_path / "huge.csv"
+    with open(path, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: takes no disk space
+    line = run_error(capsys, "explain", "--from", str(path))
+    assert f"is too large ({MAX_FILE_BYTES + 1} bytes); the limit is {MAX_FILE_BYTES}" in line
+    assert "(16 MiB)" in line
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # a shape whose data would be 8 TiB; the file holds 16 bytes
+        (
+            _npy_bytes(
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (1099511627776,), }", b"0" * 16
+            ),
+            "holds 1099511627776 values",
+        ),
+        # a small shape whose data is not all there
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (4,), }", b"0" * 16),
+            "announces 32 bytes of data for shape (4,) and float64, but 16 follow",
+        ),
+        # pickled objects
+        (
+            _npy_bytes("{'descr': '|O', 'fortran_order': False, 'shape': (2,), }", b"\x80" * 16),
+            "holds object values, not real numbers",
+        ),
+        # structured and sub-array dtypes
+        (
+            _npy_bytes("{'descr': [('a', '<f8')], 'fortran_order': False, 'shape': (1,), }"),
+            "not real numbers",
+        ),
+        (
+            _npy_bytes("{'descr': ('<f8', (3,)), 'fortran_order': False, 'shape': (1,), }"),
+            "not real numbers",
+        ),
+        # code instead of a header dictionary
+        (_npy_bytes("__import__('os').system('false')"), "not a valid .npy file"),
+        # negative and non-integer dimensions
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (-1,), }"),
+            "not a valid .npy file",
+        ),
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (1.5,), }"),
+            "not a valid .npy file",
+        ),
+        # a header length of 4 GiB - 1 in a 2.0 file
+        (b"\x93NUMPY\x02\x00\xff\xff\xff\xff{'descr'", "not a valid .npy file"),
+        # a version numpy has never written
+        (_npy_bytes("{}", version=(9, 0)), "format version 9.0; versions 1.0 and 2.0 are read"),
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }", version=(3, 0)),
+            "format version 3.0",
+        ),
+        # truncated right after the magic
+        (b"\x93NUMPY\x01", "not a valid .npy file"),
+        # 3-d and 0-d arrays
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1), }", b"0" * 8),
+            "holds a 3-d array",
+        ),
+        (
+            _npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (), }", b"0" * 8),
+            "holds a 0-d array",
+        ),
+    ],
+)
+def test_from_hostile_npy_header(capsys, tmp_path, raw, message):
+    pytest.importorskip("numpy")
+    (tmp_path / "z.npy").write_bytes(raw)
+    line = run_error(capsys, "explain", "--from", str(tmp_path / "z.npy"))
+    assert message in line, line
+
+
+def test_from_npy_fortran_order_and_byte_order(capsys, tmp_path):
+    np = pytest.importorskip("numpy")
+    rows = [[0.5, -1.0, 2.0], [3.0, 0.0, 1.0]]
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.array(rows, dtype=">f4")))
+    assert run_json(capsys, "--from", str(tmp_path / "f.npy"))["input"]["logits"] == rows
+
+
+def _quantized() -> torch.Tensor:
+    with warnings.catch_warnings():  # quantized tensors are deprecated
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.zeros(3), 0.1, 0, torch.qint8)
+
+
+def _sparse_csr() -> torch.Tensor:
+    with warnings.catch_warnings():  # sparse CSR is in beta
+        warnings.simplefilter("ignore")
+        return torch.tensor([[0.0, 1.0], [2.0, 0.0]]).to_sparse_csr()
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():  # nested tensors are a prototype
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: torch.tensor([[0.0, 1.0], [2.0, 0.0]]).to_sparse(), "layout torch.sparse_coo"),
+        (_sparse_csr, "layout torch.sparse_csr"),
+        (lambda: torch.zeros(3, device="meta"), "on the meta device"),
+        (_quantized, "torch.qint8 tensor, not real numbers"),
+        (_nested, "a nested tensor"),
+        (lambda: torch.zeros(3, dtype=torch.complex128), "not real numbers"),
+        # one stored value, 2**25 values described through a zero stride
+        (lambda: torch.zeros(1).expand(2**25), "holds 33554432 values"),
+        (lambda: torch.zeros(1).expand(2, 2, 2), "holds a 3-d array"),
+        (lambda: [torch.zeros(3)], "holds a list, not a tensor"),
+    ],
+)
+def test_from_hostile_pt(capsys, tmp_path, make, message):
+    torch.save(make(), tmp_path / "z.pt")
+    assert os.path.getsize(tmp_path / "z.pt") < 10_000
+    line = run_error(capsys, "explain", "--from", str(tmp_path / "z.pt"))
+    assert message in line, line
+
+
+def test_too_many_classes_or_entries(capsys, tmp_path):
+    (tmp_path / "wide.csv").write_text(" ".join(["0.5"] * 20000) + "\n")
+    line = run_error(capsys, "explain", "--from", str(tmp_path / "wide.csv"))
+    assert f"K = 20000 classes along dim 0 is more than the command handles ({MAX_K})" in line
+    # one more than the limit on the command line, and down the columns of a batch
+    line = run_error(capsys, "explain", *["0"] * (MAX_K + 1))
+    assert f"K = {MAX_K + 1} classes" in line
+    torch.save(torch.zeros(MAX_K + 1, 2), tmp_path / "tall.pt")
+    line = run_error(capsys, "explain", "--from", str(tmp_path / "tall.pt"), "--dim", "0")
+    assert f"K = {MAX_K + 1} classes along dim 0" in line
+    # many slices of a moderate K: fine one by one, too many Jacobian entries together
+    n = MAX_JACOBIAN_ENTRIES // 1024**2 + 1
+    torch.save(torch.zeros(n, 1024), tmp_path / "batch.pt")
+    line = run_error(capsys, "explain", "--from", str(tmp_path / "batch.pt"))
+    assert f"{n} slices of K = 1024 make {n * 1024**2} Jacobian entries" in line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def mp_lambda_max(z: list[float], digits: int = 40) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# the examples the issue names
+# the examples of docs/cli.md
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

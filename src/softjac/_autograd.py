@@ -19,7 +19,7 @@ The Functions and what they compute (``σ = softmax(z)``, ``J = diag(σ) − σ�
   - ``∂⟨g, u⟩/∂σ = g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩``.
 
   Autograd chains the σ-part through σ's own graph node (``J``), which gives the second
-  derivative ``∂²σ_i/∂z_j∂z_k`` of ``shared/MATH.md`` without ever forming it. A plain
+  derivative ``∂²σ_i/∂z_j∂z_k`` (``docs/math.md``, Derivatives) without ever forming it. A plain
   backward (grad mode off, i.e. no ``create_graph``) calls the kernel directly instead.
 * :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, lse_n)`` per row through
   ``dispatch.cross_entropy_forward`` (float32 math, float64 for float64 logits; unreduced; the reduction is done by the

@@ -41,9 +41,43 @@ def fmt_shape(shape: torch.Size | tuple[int, ...]) -> str:
 
 
 def check_tensor(fn: str, name: str, x: object, *, floating: bool = True) -> torch.Tensor:
-    """Require a tensor; with ``floating`` also a float16/bfloat16/float32/float64 dtype."""
+    """Require a dense (strided) tensor; with ``floating`` also a float16/bfloat16/float32/float64
+    dtype.
+
+    Sparse (COO, CSR, CSC, BSR, BSC), MKL-DNN and nested tensors are refused here, before any
+    kernel sees them: softmax of a sparse tensor is not the softmax of its dense values (the
+    missing entries would be −inf, not 0), and none of softjac's paths can read them. So are
+    tensors on the ``meta`` device, which hold no values (the fake tensors of ``torch.compile``
+    report their real device and pass).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`{fn}`: `{name}` must be a torch.Tensor. Got {type(x).__name__}.")
+    if x.is_nested:
+        raise TypeError(
+            f"`{fn}`: `{name}` must be a dense (strided) tensor. Got a nested tensor; pad it "
+            f"first, e.g. `{name}.to_padded_tensor(float('-inf'))` (-inf logits are masked)."
+        )
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"`{fn}`: `{name}` must be a dense (strided) tensor. Got layout {x.layout}; convert "
+            f"it first, e.g. `{name}.to_dense()`."
+        )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"`{fn}`: `{name}` is on the meta device, which holds no values. Got a meta tensor "
+            f"of shape {fmt_shape(x.shape)}."
+        )
+    if floating and x.is_quantized:
+        raise TypeError(
+            f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64). Got the quantized dtype {x.dtype}; convert it first, e.g. "
+            f"`{name}.dequantize()`."
+        )
+    if floating and x.is_complex():
+        raise TypeError(
+            f"`{fn}`: `{name}` must have a real floating dtype (float16, bfloat16, float32 or "
+            f"float64). Got {x.dtype}; softmax is defined for real logits."
+        )
     if floating and x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
@@ -103,6 +137,11 @@ def check_mask(fn: str, mask: object, shape: torch.Size, device: torch.device) -
     if not isinstance(mask, torch.Tensor):
         raise TypeError(
             f"`{fn}`: `mask` must be a boolean torch.Tensor. Got {type(mask).__name__}."
+        )
+    if mask.is_nested or mask.layout != torch.strided:
+        raise TypeError(
+            f"`{fn}`: `mask` must be a dense (strided) tensor. Got "
+            f"{'a nested tensor' if mask.is_nested else f'layout {mask.layout}'}."
         )
     if mask.dtype != torch.bool:
         raise TypeError(

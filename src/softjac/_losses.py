@@ -393,7 +393,7 @@ class CrossEntropyHessian:
     @property
     def jacobian(self):
         """The per-sample softmax Jacobians ``J_n`` as a ``softjac.SoftmaxJacobian`` of batch
-        ``(N,)`` (built on first use from σ; the structured operator issue's class)."""
+        ``(N,)`` (built on first use from σ)."""
         if self._jacobian is None:
             from softjac._operator import SoftmaxJacobian
 

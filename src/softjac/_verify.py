@@ -52,6 +52,7 @@ and the trace come from a float64 softmax computed here, independently of softja
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,9 @@ class PropertyReport:
             f"softmax Jacobian properties: {verdict} ({n_ok}/{len(self.properties)}) - "
             f"K = {self.num_classes}, {slices}, {self.dtype}, rtol = {self.rtol:.3g}"
         )
-        rows = [("property", "statement", "residual", "tolerance", "slice", "ok", "note")]
+        rows: list[tuple[str, ...]] = [
+            ("property", "statement", "residual", "tolerance", "slice", "ok", "note")
+        ]
         for p in self.properties:
             rows.append(
                 (
@@ -279,7 +282,7 @@ class AutogradComparison:
         plural = "" if self.num_slices == 1 else "s"
         head = f"softjac.jacobian against autograd, float64 ({self.num_slices} slice{plural}"
         head += f", {self.num_skipped} fully masked skipped)" if self.num_skipped else ")"
-        rows = [("method", "max |diff|", "max rel", "worst slice")]
+        rows: list[tuple[str, ...]] = [("method", "max |diff|", "max rel", "worst slice")]
         for d in self.differences:
             method = d.method
             if method == "central finite differences":
@@ -294,7 +297,7 @@ class AutogradComparison:
 # Helpers
 
 
-def _format_table(head: str, rows: list[tuple[str, ...]]) -> str:
+def _format_table(head: str, rows: Sequence[Sequence[str]]) -> str:
     """``head``, then ``rows`` as left-aligned columns (indented two spaces), a dash rule
     under the first row (the column titles)."""
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

@@ -15,9 +15,13 @@ Uses only softjac's public API.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import os
+import stat
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,6 +35,13 @@ __all__ = ["main"]
 _PROG = "softjac"
 _MAX_PRINTED_SLICES = 8
 _MAX_PRINTED_K = 16
+
+#: ``--from`` reads files of at most this many bytes (16 MiB).
+MAX_FILE_BYTES = 16 * 2**20
+#: The most classes K per slice: the command builds and reports dense K×K matrices.
+MAX_K = 4096
+#: The most Jacobian entries N·K² over all N slices (one slice of K = 4096, or 256 of 256).
+MAX_JACOBIAN_ENTRIES = MAX_K * MAX_K
 
 
 class CLIError(Exception):
@@ -151,11 +162,101 @@ def _parse_int(what: str, token: str) -> int:
         raise CLIError(f"{what}: {token.strip()!r} is not an integer") from None
 
 
-def _read_text_table(path: Path) -> torch.Tensor:
+def _describe_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _read_bytes(name: str) -> bytes:
+    """The bytes of the regular file ``name``, at most :data:`MAX_FILE_BYTES` of them.
+
+    Only regular files are read: a FIFO, a device (``/dev/zero``, ``/dev/stdin``), a socket or
+    a directory is refused before it is opened, so nothing blocks or reads without end. A
+    symbolic link is followed, and its target must be a regular file too. The check is
+    repeated with ``fstat`` on the opened descriptor (opened non-blocking), so a file swapped
+    for a FIFO between the two cannot hang the command.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CLIError(f"--from: cannot read {str(path)!r}: {_one_line(exc)}") from None
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise CLIError(f"--from: no such file: {name!r}") from None
+    except OSError as exc:
+        raise CLIError(f"--from: cannot read {name!r}: {_one_line(exc)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CLIError(f"--from: {name!r} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CLIError(
+            f"--from: {name!r} is {_describe_kind(st.st_mode)}; only regular files are read"
+        )
+    if st.st_size > MAX_FILE_BYTES:
+        raise CLIError(_too_large(name, st.st_size))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(name, flags)
+    except OSError as exc:
+        raise CLIError(f"--from: cannot read {name!r}: {_one_line(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CLIError(
+                f"--from: {name!r} is {_describe_kind(st.st_mode)}; only regular files are read"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_BYTES:  # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, MAX_FILE_BYTES + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise CLIError(f"--from: cannot read {name!r}: {_one_line(exc)}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_BYTES:
+        raise CLIError(_too_large(name, size, grew=True))
+    return b"".join(chunks)
+
+
+def _too_large(name: str, size: int, grew: bool = False) -> str:
+    got = f"more than {MAX_FILE_BYTES}" if grew else f"{size}"
+    return (
+        f"--from: {name!r} is too large ({got} bytes); the limit is {MAX_FILE_BYTES} bytes "
+        f"({MAX_FILE_BYTES // 2**20} MiB)"
+    )
+
+
+def _check_entries(name: str, shape: tuple[int, ...]) -> None:
+    """Refuse arrays of the wrong rank or with more values than the command can handle.
+
+    Called on the shape read from the file's header, before any values are materialised
+    (a ``.pt`` tensor with a zero stride can describe far more values than its file holds).
+    """
+    if len(shape) not in (1, 2):
+        raise CLIError(
+            f"--from: {name!r} holds a {len(shape)}-d array of shape {tuple(shape)}; "
+            "expected 1-d logits or a 2-d batch"
+        )
+    if math.prod(shape) > MAX_JACOBIAN_ENTRIES:
+        raise CLIError(
+            f"--from: {name!r} holds {math.prod(shape)} values (shape {tuple(shape)}); "
+            f"the limit is {MAX_JACOBIAN_ENTRIES}"
+        )
+
+
+def _read_text_table(name: str, data: bytes) -> torch.Tensor:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--from: cannot read {name!r}: {_one_line(exc)}") from None
     rows: list[list[float]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -167,16 +268,14 @@ def _read_text_table(path: Path) -> torch.Tensor:
             try:
                 row.append(float(f))
             except ValueError:
-                raise CLIError(
-                    f"--from: {str(path)!r} line {lineno}: {f!r} is not a number"
-                ) from None
+                raise CLIError(f"--from: {name!r} line {lineno}: {f!r} is not a number") from None
         rows.append(row)
     if not rows:
-        raise CLIError(f"--from: {str(path)!r} holds no numbers")
+        raise CLIError(f"--from: {name!r} holds no numbers")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise CLIError(
-            f"--from: {str(path)!r} has rows of different lengths {sorted(widths)}; "
+            f"--from: {name!r} has rows of different lengths {sorted(widths)}; "
             "every row must hold the same number of logits"
         )
     if len(rows) == 1:
@@ -186,63 +285,102 @@ def _read_text_table(path: Path) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def _read_npy(path: Path) -> torch.Tensor:
+def _read_npy(name: str, data: bytes) -> torch.Tensor:
+    """A ``.npy`` array whose header (version, dtype, shape, data size) is checked first."""
     try:
         import numpy as np
+        from numpy.lib import format as npy_format
     except ImportError:
         raise CLIError("--from: reading .npy files needs numpy: pip install numpy") from None
+    buf = io.BytesIO(data)
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CLIError(f"--from: cannot read {str(path)!r}: {_one_line(exc)}") from None
-    if not isinstance(arr, np.ndarray):  # an .npz archive
-        raise CLIError(f"--from: {str(path)!r} is not a single .npy array")
-    if arr.dtype.kind not in "biuf":
-        raise CLIError(f"--from: {str(path)!r} holds {arr.dtype} values, not real numbers")
+        version = npy_format.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(buf)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(buf)
+        else:
+            raise CLIError(
+                f"--from: {name!r} is a .npy file of format version {version[0]}.{version[1]}; "
+                "versions 1.0 and 2.0 are read"
+            )
+    except CLIError:
+        raise
+    except Exception as exc:  # numpy raises ValueError, SyntaxError, EOFError, ... on bad headers
+        raise CLIError(
+            f"--from: cannot read {name!r}: not a valid .npy file ({_one_line(exc)})"
+        ) from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.shape != ():
+        raise CLIError(f"--from: {name!r} holds {dtype} values, not real numbers")
+    if any(n < 0 for n in shape):
+        raise CLIError(
+            f"--from: cannot read {name!r}: not a valid .npy file (shape {tuple(shape)})"
+        )
+    _check_entries(name, tuple(shape))
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) - buf.tell() != expected:
+        raise CLIError(
+            f"--from: cannot read {name!r}: its header announces {expected} bytes of data for "
+            f"shape {tuple(shape)} and {dtype}, but {len(data) - buf.tell()} follow"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=buf.tell())
+    arr = arr.reshape(shape, order="F" if fortran_order else "C")
     return torch.from_numpy(arr.astype(np.float64))
 
 
 _INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _read_pt(path: Path) -> torch.Tensor:
+def _read_pt(name: str, data: bytes) -> torch.Tensor:
+    """One dense, real tensor saved with ``torch.save``, loaded with ``weights_only=True``."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # deprecation chatter would break the one-line rule
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files (pickle, zip, OSError)
-        raise CLIError(f"--from: cannot read {str(path)!r}: {_one_line(exc)}") from None
+        raise CLIError(f"--from: cannot read {name!r}: {_one_line(exc)}") from None
     if not isinstance(obj, torch.Tensor):
         raise CLIError(
-            f"--from: {str(path)!r} holds a {type(obj).__name__}, not a tensor; save one with "
+            f"--from: {name!r} holds a {type(obj).__name__}, not a tensor; save one with "
             "torch.save(logits, path)"
         )
-    if obj.is_complex() or not (obj.is_floating_point() or obj.dtype in _INT_DTYPES):
-        raise CLIError(f"--from: {str(path)!r} holds a {obj.dtype} tensor, not real numbers")
+    if obj.is_nested:
+        raise CLIError(f"--from: {name!r} holds a nested tensor; save a dense tensor")
+    if obj.layout != torch.strided:
+        raise CLIError(
+            f"--from: {name!r} holds a tensor of layout {obj.layout}; save a dense tensor "
+            "(e.g. logits.to_dense())"
+        )
+    if obj.device.type != "cpu":
+        raise CLIError(
+            f"--from: {name!r} holds a tensor on the {obj.device.type} device, which has no "
+            "values to read"
+        )
+    if (
+        obj.is_quantized
+        or obj.is_complex()
+        or not (obj.is_floating_point() or obj.dtype in _INT_DTYPES)
+    ):
+        raise CLIError(f"--from: {name!r} holds a {obj.dtype} tensor, not real numbers")
+    _check_entries(name, tuple(obj.shape))
     return obj.detach().to(torch.float64)
 
 
 def _read_file(name: str) -> torch.Tensor:
-    path = Path(name)
-    if not path.exists():
-        raise CLIError(f"--from: no such file: {name!r}")
-    if path.is_dir():
-        raise CLIError(f"--from: {name!r} is a directory, not a file")
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        z = _read_npy(path)
-    elif suffix in (".csv", ".txt", ".tsv"):
-        z = _read_text_table(path)
-    elif suffix in (".pt", ".pth"):
-        z = _read_pt(path)
-    else:
+    data = _read_bytes(name)
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".npy", ".csv", ".txt", ".tsv", ".pt", ".pth"):
         raise CLIError(
             f"--from: unknown file type {suffix or '(none)'!r} of {name!r}; "
             "use .npy, .csv, .txt or .pt"
         )
-    if z.ndim not in (1, 2):
-        raise CLIError(
-            f"--from: {name!r} holds a {z.ndim}-d array of shape {tuple(z.shape)}; "
-            "expected 1-d logits or a 2-d batch"
-        )
+    if suffix == ".npy":
+        z = _read_npy(name, data)
+    elif suffix in (".pt", ".pth"):
+        z = _read_pt(name, data)
+    else:
+        z = _read_text_table(name, data)
+    _check_entries(name, tuple(z.shape))
     if z.numel() == 0:
         raise CLIError(f"--from: {name!r} holds no logits (shape {tuple(z.shape)})")
     return z
@@ -359,6 +497,17 @@ def _explain(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     k = z.shape[d]
     batched = z.ndim == 2
     n_slices = z.numel() // k
+    if k > MAX_K:
+        raise CLIError(
+            f"K = {k} classes along dim {d} is more than the command handles ({MAX_K}): it "
+            "builds and reports dense K×K Jacobians; use the library (softjac.SoftmaxJacobian) "
+            "for wide rows"
+        )
+    if n_slices * k * k > MAX_JACOBIAN_ENTRIES:
+        raise CLIError(
+            f"{n_slices} slices of K = {k} make {n_slices * k * k} Jacobian entries, more than "
+            f"the command handles ({MAX_JACOBIAN_ENTRIES}); pass fewer slices"
+        )
     zl = z.movedim(d, -1).reshape(-1, k)  # rows = slices
 
     # --- computations

@@ -16,8 +16,8 @@ Softmax VJP, ``J v = σ ⊙ (v − ⟨σ, v⟩)`` with the argmax entry as
   chunk's part of ``t``; phase 3 (one program per row) fixes the argmax entry. Traffic 5·K
   element transfers (the chunk is read twice). A one-read long-row path needs a grid-wide
   barrier between the phases (all chunks of a row resident at once, e.g. thread-block clusters),
-  which the Triton interpreter cannot run and which could not be tested without a GPU in this
-  session; see ``docs/benchmarks.md``.
+  which the Triton interpreter cannot run and which has not been tested on a GPU; see
+  ``docs/benchmarks.md``.
 
 ``from_logits`` variants recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
 −inf and ``lse`` anything give σ = 0).
@@ -171,7 +171,7 @@ def softmax_vjp(
     o2 = out.view(-1, k)
     n = p2.shape[0]
     from_logits = lse is not None
-    lse1 = lse.reshape(-1).float().contiguous() if from_logits else p2  # dummy pointer if unused
+    lse1 = lse.reshape(-1).float().contiguous() if lse is not None else p2  # dummy if unused
     sp, sv, so = _row_stride(p2), _row_stride(v2), _row_stride(o2)
     if k <= split_threshold:
         block = vjp_block_size(k)
