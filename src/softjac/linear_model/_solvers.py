@@ -1,0 +1,555 @@
+"""Newton's method for multinomial logistic regression on the structured Hessian.
+
+The problem (scikit-learn's ``LogisticRegression`` objective, symmetric parameterisation)::
+
+    f(W, b) = Σ_i c_i ℓ(y_i, W x_i + b) + (λ/2) ‖W‖²,   c_i = s_i / Σs,   λ = 1 / (C Σs),
+
+with ℓ the cross-entropy of the logits z_i = W x_i + b (``W`` is ``(K, d)``, ``b`` is ``(K,)``).
+Its gradient is ``Rᵀ X + λW`` and ``Rᵀ 1`` with ``R_i = c_i (p_i − e_{y_i})``, and its Hessian
+in the feature-major order θ = vec((W, b)ᵀ) is
+
+    H = Σ_i c_i (x̃_i x̃_iᵀ) ⊗ J_i + λ I_W,        J_i = diag(p_i) − p_i p_iᵀ,   x̃_i = (x_i, 1).
+
+``J_i 1 = 0``, so H is singular along ``e_b ⊗ 1`` (the intercepts, always unpenalised) and, when
+λ = 0, along every ``e_j ⊗ 1``. The gradient is orthogonal to those directions and the
+iterates are kept centred over the classes (Σ_k b_k = 0, and Σ_k W_k = 0, which the
+penalty enforces anyway) — the symmetric parameterisation. Each regime solves the Newton
+system on that subspace by adding ``μ · 11ᵀ/K`` on the singular blocks: 1 is an exact
+eigenvector of those blocks with eigenvalue 0, so the added term changes nothing on the
+centred subspace and makes the system positive definite.
+
+Three regimes solve ``H Δ = −g`` exactly (up to the CG tolerance):
+
+* ``primal``: H assembled as ``blockdiag_k(X̃ᵀ diag(c p_k) X̃) − BᵀB`` with B the ``n × Kd'``
+  matrix of rows ``√c_i x̃_i ⊗ p_i`` (one GEMM, chunked over rows), then Cholesky.
+  O(n (Kd')² + (Kd')³) time, O((Kd')²) memory.
+* ``dual``: Woodbury through the ``n(K−1)`` Gram matrix ``(X Xᵀ) ∘ [F_iᵀ F_j]`` with F_i the
+  ``K × (K−1)`` factor F_i F_iᵀ = c_i J_i; the intercepts by a K × K Schur complement.
+  O((n(K−1))² K + (n(K−1))³) time, independent of d after the one ``X Xᵀ``; needs λ > 0.
+* ``newton-cg``: preconditioned CG on Hessian-vector products ``X̃ᵀ [c_i J_i (W̃ x̃_i)]``,
+  O(n d K) each, with the exact ``K × K`` diagonal blocks (one per feature) as preconditioner.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SOLVERS", "NewtonResult", "Problem", "choose_solver", "newton", "reduced_factor"]
+
+SOLVERS = ("auto", "primal", "dual", "newton-cg")
+
+# Rows per chunk when B = [√c_i x̃_i ⊗ p_i] is formed for the primal Hessian.
+_CHUNK_BYTES = 64 * 2**20
+# Hessian-vector products assumed per Newton step when the regimes' costs are compared.
+_CG_PRODUCTS = 15
+
+
+def reduced_factor(probs: torch.Tensor) -> torch.Tensor:
+    """``F`` of shape ``(n, K, K − 1)`` with ``F_i F_iᵀ = J_i = diag(p_i) − p_i p_iᵀ``.
+
+    With p' the first K − 1 probabilities and q = p_K, ``J = P J' Pᵀ`` where
+    ``P = [I; −1ᵀ]`` and ``J' = diag(p') − p'p'ᵀ``; ``J' = L Lᵀ`` with
+    ``L = diag(√p') − p' √p'ᵀ / (1 + √q)`` (expand: the cross terms sum to −p'p'ᵀ because
+    Σp' = 1 − q). Hence the first K − 1 rows of F are L and its last row is
+    ``−1ᵀL = −√q √p'ᵀ``. No cancellation: every entry is a product of non-negative terms
+    except the off-diagonal ones, which are single products. O(n K²).
+    """
+    n, k = probs.shape
+    sp = probs[:, : k - 1].sqrt()
+    sq = probs[:, k - 1 :].sqrt()
+    out = probs.new_empty(n, k, k - 1)
+    top = out[:, : k - 1, :]
+    top.copy_(-(probs[:, : k - 1] / (1.0 + sq)).unsqueeze(-1) * sp.unsqueeze(-2))
+    top.diagonal(dim1=-2, dim2=-1).add_(sp)
+    out[:, k - 1, :] = -sq * sp
+    return out
+
+
+@dataclass
+class NewtonResult:
+    coef: torch.Tensor  # (K, d)
+    intercept: torch.Tensor  # (K,)
+    n_iter: int
+    converged: bool
+    objective: float
+    grad_max: float
+    solver: str
+
+
+class Problem:
+    """The data and the objective: X ``(n, d)`` dense or sparse CSR, labels ``(n,)`` int64 in
+    ``[0, K)``, weights ``c`` summing to 1, penalty λ (0 for none)."""
+
+    def __init__(
+        self,
+        X: torch.Tensor,
+        y: torch.Tensor,
+        c: torch.Tensor,
+        n_classes: int,
+        lam: float,
+        fit_intercept: bool,
+    ):
+        self.X = X
+        self.sparse = X.layout != torch.strided
+        self.y = y
+        self.c = c
+        self.k = n_classes
+        self.lam = float(lam)
+        self.fit_intercept = fit_intercept
+        self.n, self.d = X.shape
+        self.dtype = X.dtype
+        self.device = X.device
+        self._XXt: torch.Tensor | None = None
+        self._Xt: torch.Tensor | None = None
+
+    # -- products with X -------------------------------------------------------------------
+    def xw(self, W: torch.Tensor) -> torch.Tensor:
+        """``X Wᵀ``, ``(n, K)``."""
+        if self.sparse:
+            return self.X @ W.T.contiguous()
+        return self.X @ W.T
+
+    def xtr(self, R: torch.Tensor) -> torch.Tensor:
+        """``Rᵀ X``, ``(K, d)``."""
+        if self.sparse:
+            return (self._sparse_t() @ R).T
+        return R.T @ self.X
+
+    def _sparse_t(self) -> torch.Tensor:
+        if self._Xt is None:
+            self._Xt = self.X.t().to_sparse_csr()
+        return self._Xt
+
+    def x2t_mm(self, A: torch.Tensor) -> torch.Tensor:
+        """``(X ∘ X)ᵀ A``, ``(d, m)``."""
+        if self.sparse:
+            Xt = self._sparse_t()
+            X2t = torch.sparse_csr_tensor(
+                Xt.crow_indices(), Xt.col_indices(), Xt.values() ** 2, Xt.shape
+            )
+            return X2t @ A
+        return (self.X * self.X).T @ A
+
+    def dense_x(self) -> torch.Tensor:
+        return self.X.to_dense() if self.sparse else self.X
+
+    def gram(self) -> torch.Tensor:
+        """``X Xᵀ`` (n, n), computed once."""
+        if self._XXt is None:
+            Xd = self.dense_x()
+            self._XXt = Xd @ Xd.T
+        return self._XXt
+
+    # -- objective ------------------------------------------------------------------------
+    def logits(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        z = self.xw(W)
+        if self.fit_intercept:
+            z = z + b
+        return z
+
+    def value(self, W: torch.Tensor, Z: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Objective at logits Z (for coefficients W) and the probabilities."""
+        lse = torch.logsumexp(Z, dim=1)
+        zy = Z.gather(1, self.y.unsqueeze(1)).squeeze(1)
+        f = torch.dot(self.c, lse - zy)
+        if self.lam > 0:
+            f = f + 0.5 * self.lam * torch.sum(W * W)
+        P = torch.exp(Z - lse.unsqueeze(1))
+        return float(f), P
+
+    def gradient(self, W: torch.Tensor, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R = P * self.c.unsqueeze(1)
+        R[torch.arange(self.n, device=self.device), self.y] -= self.c
+        gw = self.xtr(R)
+        if self.lam > 0:
+            gw = gw + self.lam * W
+        gb = R.sum(0) if self.fit_intercept else torch.zeros_like(R[0])
+        return gw, gb
+
+    def hvp(
+        self, P: torch.Tensor, vw: torch.Tensor, vb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H v`` in O(n d K): ``U = X Vᵀ + v_b``, ``R_i = c_i J_i u_i``, ``(Rᵀ X + λV, Rᵀ 1)``."""
+        U = self.xw(vw)
+        if self.fit_intercept:
+            U = U + vb
+        PU = P * U
+        R = (PU - P * PU.sum(1, keepdim=True)) * self.c.unsqueeze(1)
+        hw = self.xtr(R)
+        if self.lam > 0:
+            hw = hw + self.lam * vw
+        hb = R.sum(0) if self.fit_intercept else torch.zeros_like(vb)
+        return hw, hb
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def d_aug(self) -> int:
+        return self.d + int(self.fit_intercept)
+
+
+def _centre(W: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean over classes (dim 0)."""
+    return W - W.mean(0, keepdim=True)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
+
+
+def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsize: int):
+    """Estimated (flops per Newton step, bytes of working memory) of a regime."""
+    da = d + int(fit_intercept)
+    p = da * k
+    r = k - 1
+    if solver == "primal":
+        chunk = max(1, min(n, _CHUNK_BYTES // max(1, p * itemsize)))
+        flops = 2.0 * n * p * p + 2.0 * n * da * p + p**3 / 3.0
+        mem = 2.0 * p * p * itemsize + 3.0 * chunk * p * itemsize
+        return flops, mem
+    if solver == "dual":
+        m = n * r
+        flops = 2.0 * m * m * k + m**3 / 3.0 + 2.0 * m * m * k + 2.0 * n * n * d / 10.0
+        mem = 3.0 * m * m * itemsize + 2.0 * n * n * itemsize
+        return flops, mem
+    if solver == "newton-cg":
+        flops = (_CG_PRODUCTS + 2) * 4.0 * n * da * k + 2.0 * n * da * k * k
+        mem = (8.0 * n * k + 4.0 * n * d + 4.0 * da * k * k + 8.0 * p) * itemsize
+        return flops, mem
+    raise ValueError(solver)
+
+
+def choose_solver(
+    solver: str,
+    n: int,
+    d: int,
+    k: int,
+    *,
+    fit_intercept: bool,
+    penalised: bool,
+    sparse: bool,
+    itemsize: int,
+    max_bytes: float,
+    fn: str,
+) -> str:
+    """The regime to run: ``solver`` itself if it fits ``max_bytes``, else the cheapest that fits."""
+    candidates = ["primal", "newton-cg"] + (["dual"] if penalised else [])
+    costs = {s: solver_cost(s, n, d, k, fit_intercept, itemsize) for s in candidates}
+    if solver == "auto":
+        fits = [s for s in candidates if costs[s][1] <= max_bytes]
+        if sparse:
+            # Sparse X: the dense regimes would densify X (n d) and lose the sparsity.
+            dense_bytes = n * d * itemsize
+            if dense_bytes > max_bytes / 4:
+                fits = [s for s in fits if s == "newton-cg"]
+        if not fits:
+            return "newton-cg"
+        return min(fits, key=lambda s: costs[s][0])
+    if solver == "dual" and not penalised:
+        raise ValueError(
+            f"`{fn}`: solver='dual' needs a penalty (finite `C`): its Woodbury identity "
+            "inverts λI + Gram. Got C=inf; use solver='primal' or 'newton-cg'."
+        )
+    need = costs[solver][1]
+    if need > max_bytes:
+        fits = [s for s in candidates if costs[s][1] <= max_bytes]
+        alt = min(fits, key=lambda s: costs[s][0]) if fits else "newton-cg"
+        raise MemoryError(
+            f"`{fn}`: solver={solver!r} needs about {_fmt_bytes(need)} for n={n}, d={d}, "
+            f"K={k}, over `max_bytes`={_fmt_bytes(max_bytes)}. solver={alt!r} fits "
+            f"(about {_fmt_bytes(costs[alt][1])}); or raise `max_bytes`."
+        )
+    return solver
+
+
+# -- the Newton systems -------------------------------------------------------------------
+
+
+def _null_shift(diag_mean: float) -> float:
+    return diag_mean if diag_mean > 0 and math.isfinite(diag_mean) else 1.0
+
+
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor; a growing diagonal shift when rounding made H indefinite."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return L
+    scale = float(H.diagonal().abs().mean()) or 1.0
+    shift = 1e3 * torch.finfo(H.dtype).eps * scale
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H + shift * eye)
+        if int(info) == 0:
+            return L
+        shift *= 10.0
+    raise torch.linalg.LinAlgError("the Newton system is not positive definite")
+
+
+def step_primal(
+    prob: Problem, P: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assemble H (Kd' × Kd', feature-major) with one GEMM per row chunk and solve by Cholesky."""
+    k, d, da = prob.k, prob.d, prob.d_aug
+    p = da * k
+    item = _itemsize(prob.dtype)
+    H = torch.zeros(p, p, dtype=prob.dtype, device=prob.device)
+    Dg = torch.zeros(da, da * k, dtype=prob.dtype, device=prob.device)
+    chunk = max(1, min(prob.n, _CHUNK_BYTES // max(1, p * item)))
+    sc = prob.c.sqrt()
+    for lo in range(0, prob.n, chunk):
+        hi = min(prob.n, lo + chunk)
+        Xc = prob.X[lo:hi] if not prob.sparse else prob.dense_x()[lo:hi]
+        if prob.fit_intercept:
+            Xc = torch.cat([Xc, Xc.new_ones(hi - lo, 1)], dim=1)
+        Pc = P[lo:hi]
+        # Σ_i c_i p_ik x̃_ij x̃_il for every k at once: X̃ᵀ [c_i p_ik x̃_il]_(i, (l, k)).
+        Dg.addmm_(Xc.T, (Xc.unsqueeze(2) * (Pc * prob.c[lo:hi, None]).unsqueeze(1)).reshape(-1, p))
+        B = (Xc.unsqueeze(2) * (Pc * sc[lo:hi, None]).unsqueeze(1)).reshape(-1, p)
+        H.addmm_(B.T, B, alpha=-1.0)
+        del B
+    H4 = H.view(da, k, da, k)
+    H4.diagonal(dim1=1, dim2=3).add_(Dg.view(da, da, k))
+    if prob.lam > 0:
+        H.diagonal()[: d * k].add_(prob.lam)
+    mu = _null_shift(float(H.diagonal().mean()))
+    if prob.fit_intercept:
+        H4[d, :, d, :] += mu / k
+    if prob.lam == 0:
+        idx = torch.arange(d, device=prob.device)
+        H4[idx, :, idx, :] += mu / k
+    g = torch.cat([gw, gb.unsqueeze(1)], dim=1) if prob.fit_intercept else gw
+    rhs = -g.T.reshape(p, 1)
+    L = _cholesky(H)
+    step = torch.cholesky_solve(rhs, L).reshape(da, k).T
+    if prob.fit_intercept:
+        return step[:, :d].contiguous(), step[:, d].contiguous()
+    return step.contiguous(), torch.zeros_like(gb)
+
+
+def step_dual(
+    prob: Problem, P: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Woodbury: ``(λI + A_wᵀA_w)⁻¹ = (I − A_wᵀ M⁻¹ A_w)/λ`` with ``M = λI + A_w A_wᵀ``.
+
+    A_w has rows ``(F_i[:, r] ⊗ x_i)`` (F_i F_iᵀ = c_i J_i), so ``A_w A_wᵀ`` is the Gram
+    ``(X Xᵀ)_ij (F_iᵀ F_j)_rq`` of size n(K−1). The intercept rows ``A_b = [F_iᵀ]`` enter
+    through the Schur complement ``λ A_bᵀ M⁻¹ A_b`` (K × K).
+    """
+    n, k = prob.n, prob.k
+    r = k - 1
+    lam = prob.lam
+    F = reduced_factor(P) * prob.c.sqrt().view(n, 1, 1)  # (n, K, r)
+    Ft = F.transpose(1, 2).reshape(n * r, k)  # rows (i, r): F_i[:, r]ᵀ — this is A_b
+    G = (Ft @ Ft.T).view(n, r, n, r)
+    G.mul_(prob.gram().view(n, 1, n, 1))
+    M = G.view(n * r, n * r)
+    M.diagonal().add_(lam)
+    L = _cholesky(M)
+
+    def a_w(vw: torch.Tensor) -> torch.Tensor:  # (K, d) -> (n r, 1)
+        u = prob.xw(vw)  # (n, K): W x_i
+        return torch.einsum("ikr,ik->ir", F, u).reshape(n * r, 1)
+
+    def a_wt(v: torch.Tensor) -> torch.Tensor:  # (n r, 1) -> (K, d)
+        q = torch.einsum("ikr,ir->ik", F, v.view(n, r))
+        return prob.xtr(q)
+
+    u = torch.cholesky_solve(a_w(gw), L)
+    if prob.fit_intercept:
+        Q = torch.cholesky_solve(Ft, L)  # M⁻¹ A_b, (n r, K)
+        Sb = lam * (Ft.T @ Q)
+        Sb = 0.5 * (Sb + Sb.T)
+        mu = _null_shift(float(Sb.diagonal().mean()))
+        Sb = Sb + mu / k
+        rhs = (-gb + (Ft.T @ u).squeeze(1)).unsqueeze(1)
+        db = torch.linalg.solve(Sb, rhs)
+        dw = -gw / lam + a_wt(u / lam - Q @ db)
+        return dw, db.squeeze(1)
+    dw = -(gw - a_wt(u)) / lam
+    return dw, torch.zeros_like(gb)
+
+
+class _BlockPreconditioner:
+    """Inverse of the exact ``K × K`` diagonal blocks of H, one per feature (and intercept):
+    ``Σ_i c_i x_ij² J_i + λI`` — O(n d K²) to form, O(d K³) to factor, O(d K²) per apply."""
+
+    def __init__(self, prob: Problem, P: torch.Tensor):
+        k, d = prob.k, prob.d
+        cp = P * prob.c.unsqueeze(1)  # (n, K)
+        cpp = (cp.unsqueeze(2) * P.unsqueeze(1)).reshape(prob.n, k * k)
+        both = prob.x2t_mm(torch.cat([cp, cpp], dim=1))
+        diag, outer = both[:, :k], both[:, k:]
+        blocks = -outer.reshape(d, k, k)
+        blocks.diagonal(dim1=1, dim2=2).add_(diag)
+        if prob.fit_intercept:
+            bb = -(cpp.sum(0).view(1, k, k))
+            bb.diagonal(dim1=1, dim2=2).add_(cp.sum(0))
+            blocks = torch.cat([blocks, bb], dim=0)
+        if prob.lam > 0:
+            blocks[:d].diagonal(dim1=1, dim2=2).add_(prob.lam)
+        mu = _null_shift(float(blocks.diagonal(dim1=1, dim2=2).mean()))
+        if prob.fit_intercept:
+            blocks[d] += mu / k
+        if prob.lam == 0:
+            blocks[:d] += mu / k
+        tr = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(P.dtype).tiny)
+        jitter = 1e3 * torch.finfo(P.dtype).eps * tr
+        blocks.diagonal(dim1=1, dim2=2).add_(jitter.unsqueeze(1))
+        self.L, _ = torch.linalg.cholesky_ex(blocks)
+        self.fit_intercept = prob.fit_intercept
+        self.d = d
+
+    def __call__(self, rw: torch.Tensor, rb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fit_intercept:
+            R = torch.cat([rw, rb.unsqueeze(1)], dim=1)
+        else:
+            R = rw
+        Z = torch.cholesky_solve(R.T.unsqueeze(2), self.L).squeeze(2).T
+        if self.fit_intercept:
+            return Z[:, : self.d], Z[:, self.d]
+        return Z, torch.zeros_like(rb)
+
+
+def step_newton_cg(
+    prob: Problem, P: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ min(1/2, √‖g‖)·‖g‖``."""
+    pre = _BlockPreconditioner(prob, P)
+    centre_w = prob.lam == 0
+
+    def dot(a, b):
+        return torch.sum(a[0] * b[0]) + torch.sum(a[1] * b[1])
+
+    def project(v):
+        w, b = v
+        if centre_w:
+            w = _centre(w)
+        if prob.fit_intercept:
+            b = b - b.mean()
+        return w, b
+
+    xw = torch.zeros_like(gw)
+    xb = torch.zeros_like(gb)
+    rw, rb = project((-gw, -gb))
+    gnorm = float(dot((rw, rb), (rw, rb))) ** 0.5
+    eta = min(0.5, gnorm**0.5)
+    target = eta * gnorm
+    zw, zb = project(pre(rw, rb))
+    pw, pb = zw, zb
+    rz = dot((rw, rb), (zw, zb))
+    maxiter = max(20, min(500, prob.d_aug * prob.k))
+    for _ in range(maxiter):
+        hw, hb = project(prob.hvp(P, pw, pb))
+        curv = dot((pw, pb), (hw, hb))
+        if float(curv) <= 0:
+            break
+        alpha = rz / curv
+        xw = xw + alpha * pw
+        xb = xb + alpha * pb
+        rw = rw - alpha * hw
+        rb = rb - alpha * hb
+        if float(dot((rw, rb), (rw, rb))) ** 0.5 <= target:
+            break
+        zw, zb = project(pre(rw, rb))
+        rz_new = dot((rw, rb), (zw, zb))
+        beta = rz_new / rz
+        rz = rz_new
+        pw = zw + beta * pw
+        pb = zb + beta * pb
+    if float(dot((xw, xb), (xw, xb))) == 0.0:
+        return project(pre(-gw, -gb))
+    return xw, xb
+
+
+_STEPS = {"primal": step_primal, "dual": step_dual, "newton-cg": step_newton_cg}
+
+
+def newton(
+    prob: Problem,
+    W0: torch.Tensor,
+    b0: torch.Tensor,
+    *,
+    solver: str,
+    tol: float,
+    max_iter: int,
+    verbose: int = 0,
+) -> NewtonResult:
+    """Damped Newton: Armijo backtracking on f, stop when ``max |∇f| ≤ tol``."""
+    step_fn = _STEPS[solver]
+    centre_w = prob.lam == 0
+    W = _centre(W0) if (centre_w or prob.lam > 0) else W0
+    b = b0 - b0.mean() if prob.fit_intercept else torch.zeros_like(b0)
+    Z = prob.logits(W, b)
+    f, P = prob.value(W, Z)
+    gw, gb = prob.gradient(W, P)
+    eps = torch.finfo(prob.dtype).eps
+    converged = False
+    it = 0
+    gmax = float(torch.maximum(gw.abs().max(), gb.abs().max()))
+    while True:
+        if not math.isfinite(gmax):
+            raise FloatingPointError("the gradient is not finite; scale X or lower C")
+        if gmax <= tol:
+            converged = True
+            break
+        if it >= max_iter:
+            break
+        it += 1
+        dw, db = step_fn(prob, P, gw, gb)
+        if prob.lam > 0 or centre_w:
+            dw = _centre(dw)
+        if prob.fit_intercept:
+            db = db - db.mean()
+        slope = float(torch.sum(gw * dw) + torch.sum(gb * db))
+        if not slope < 0:
+            # Rounding produced no descent direction: fall back to steepest descent.
+            dw, db = -gw, -gb
+            slope = -float(torch.sum(gw * gw) + torch.sum(gb * gb))
+        t = 1.0
+        gsum = float(gw.abs().sum() + gb.abs().sum())
+        accepted = False
+        for _ in range(40):
+            Wn = W + t * dw
+            bn = b + t * db
+            Zn = prob.logits(Wn, bn)
+            fn_, Pn = prob.value(Wn, Zn)
+            if fn_ <= f + 1e-4 * t * slope:
+                accepted = True
+                gwn, gbn = prob.gradient(Wn, Pn)
+                break
+            if abs(fn_ - f) <= 16 * eps * max(1.0, abs(f)):
+                # At round-off level of f: accept when the gradient still shrinks.
+                gwn, gbn = prob.gradient(Wn, Pn)
+                if float(gwn.abs().sum() + gbn.abs().sum()) < gsum:
+                    accepted = True
+                    break
+            t *= 0.5
+        if not accepted:
+            if verbose:
+                print(f"  iteration {it}: the line search found no decrease; stopping")
+            warnings.warn(
+                "Line search failed to decrease the objective at iteration "
+                f"{it} (max |gradient| = {gmax:.3g} > tol = {tol:.3g}); the data may be "
+                "separable (lower C) or badly scaled (standardise X).",
+                _convergence_warning(),
+                stacklevel=3,
+            )
+            return NewtonResult(W, b, it, False, f, gmax, solver)
+        W, b, f, P, gw, gb = Wn, bn, fn_, Pn, gwn, gbn
+        gmax = float(torch.maximum(gw.abs().max(), gb.abs().max()))
+        if verbose:
+            print(f"  Newton iteration {it}: f = {f:.12g}, max|g| = {gmax:.3g}, step = {t:g}")
+    return NewtonResult(W, b, it, converged, f, gmax, solver)
+
+
+def _convergence_warning() -> type[Warning]:
+    from sklearn.exceptions import ConvergenceWarning
+
+    return ConvergenceWarning
