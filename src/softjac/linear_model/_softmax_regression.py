@@ -199,7 +199,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         if len(classes) < 2:
             raise ValueError(
                 f"`{fn}`: needs samples of at least 2 classes in the data, but the data "
-                f"contains only one class: {classes[0]!r}."
+                f"contains only one class: {getattr(classes[0], 'item', lambda: classes[0])()!r}."
             )
         if isinstance(sample_weight, torch.Tensor):
             sample_weight = sample_weight.detach().cpu().numpy()
@@ -300,7 +300,11 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             icpt = torch.as_tensor(self.intercept_).to(device=Xt.device, dtype=Xt.dtype)
             return Xt @ coef.T + icpt
         X = validate_data(
-            self, X, accept_sparse=["csr", "csc", "coo"], dtype=[np.float64, np.float32], reset=False
+            self,
+            X,
+            accept_sparse=["csr", "csc", "coo"],
+            dtype=[np.float64, np.float32],
+            reset=False,
         )
         coef = _to_numpy(self.coef_)
         icpt = _to_numpy(self.intercept_)
@@ -388,11 +392,17 @@ def _to_torch(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         X = sp.csr_matrix(X)
         X.sum_duplicates()
         X.sort_indices()
-        t = torch.sparse_csr_tensor(
-            torch.as_tensor(X.indptr.astype(np.int64)),
-            torch.as_tensor(X.indices.astype(np.int64)),
-            torch.as_tensor(X.data),
-            size=X.shape,
-        )
-        return t.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.ascontiguousarray(X)).to(device=device, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            t = torch.sparse_csr_tensor(
+                torch.as_tensor(X.indptr.astype(np.int64)),
+                torch.as_tensor(X.indices.astype(np.int64)),
+                torch.as_tensor(np.array(X.data, dtype=X.data.dtype)),
+                size=X.shape,
+                check_invariants=False,
+            )
+            return t.to(device=device, dtype=dtype)
+    X = np.ascontiguousarray(X)
+    if not X.flags.writeable:
+        X = X.copy()
+    return torch.from_numpy(X).to(device=device, dtype=dtype)

@@ -44,8 +44,12 @@ SOLVERS = ("auto", "primal", "dual", "newton-cg")
 
 # Rows per chunk when B = [√c_i x̃_i ⊗ p_i] is formed for the primal Hessian.
 _CHUNK_BYTES = 64 * 2**20
-# Hessian-vector products assumed per Newton step when the regimes' costs are compared.
-_CG_PRODUCTS = 15
+# The cost model of the regimes (see solver_cost): Hessian-vector products per Newton–CG
+# step, their cost per flop relative to a large GEMM, and the fixed cost of one CG
+# iteration (a dozen small tensor operations) in flop-equivalents.
+_CG_PRODUCTS = 25
+_HVP_WEIGHT = 3.0
+_CG_OVERHEAD = 2e6
 
 
 def reduced_factor(probs: torch.Tensor) -> torch.Tensor:
@@ -129,7 +133,11 @@ class Problem:
         if self.sparse:
             Xt = self._sparse_t()
             X2t = torch.sparse_csr_tensor(
-                Xt.crow_indices(), Xt.col_indices(), Xt.values() ** 2, Xt.shape
+                Xt.crow_indices(),
+                Xt.col_indices(),
+                Xt.values() ** 2,
+                Xt.shape,
+                check_invariants=False,
             )
             return X2t @ A
         return (self.X * self.X).T @ A
@@ -205,24 +213,31 @@ def _fmt_bytes(b: float) -> str:
 
 
 def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsize: int):
-    """Estimated (flops per Newton step, bytes of working memory) of a regime."""
+    """Estimated (work per Newton step, bytes of working memory) of a regime.
+
+    Work is in flop-equivalents of a large GEMM: Hessian-vector products (skinny products,
+    bandwidth-bound) count ``_HVP_WEIGHT`` times their flops plus a fixed overhead per CG
+    iteration, and a Newton–CG step is assumed to take ``_CG_PRODUCTS`` products.
+    """
     da = d + int(fit_intercept)
     p = da * k
     r = k - 1
     if solver == "primal":
         chunk = max(1, min(n, _CHUNK_BYTES // max(1, p * itemsize)))
-        flops = 2.0 * n * p * p + 2.0 * n * da * p + p**3 / 3.0
+        work = 2.0 * n * p * p + 2.0 * n * da * p + p**3 / 3.0
         mem = 2.0 * p * p * itemsize + 3.0 * chunk * p * itemsize
-        return flops, mem
+        return work, mem
     if solver == "dual":
         m = n * r
-        flops = 2.0 * m * m * k + m**3 / 3.0 + 2.0 * m * m * k + 2.0 * n * n * d / 10.0
+        work = 4.0 * m * m * k + m**3 / 3.0 + 2.0 * n * n * d / 10.0
         mem = 3.0 * m * m * itemsize + 2.0 * n * n * itemsize
-        return flops, mem
+        return work, mem
     if solver == "newton-cg":
-        flops = (_CG_PRODUCTS + 2) * 4.0 * n * da * k + 2.0 * n * da * k * k
-        mem = (8.0 * n * k + 4.0 * n * d + 4.0 * da * k * k + 8.0 * p) * itemsize
-        return flops, mem
+        hvp = _HVP_WEIGHT * 4.0 * n * da * k + _CG_OVERHEAD
+        work = (_CG_PRODUCTS + 2) * hvp + 2.0 * n * da * k * k
+        chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * itemsize)))
+        mem = (8.0 * n * k + 2.0 * n * k * k + chunk * d + 4.0 * da * k * k + 8.0 * p) * itemsize
+        return work, mem
     raise ValueError(solver)
 
 
@@ -378,19 +393,29 @@ def step_dual(
 
 class _BlockPreconditioner:
     """Inverse of the exact ``K × K`` diagonal blocks of H, one per feature (and intercept):
-    ``Σ_i c_i x_ij² J_i + λI`` — O(n d K²) to form, O(d K³) to factor, O(d K²) per apply."""
+    ``Σ_i c_i x_ij² J_i + λI`` — O(n d K²) to form (one GEMM per row chunk), O(d K³) to
+    factor, O(d K²) per apply."""
 
     def __init__(self, prob: Problem, P: torch.Tensor):
-        k, d = prob.k, prob.d
+        k, d, n = prob.k, prob.d, prob.n
         cp = P * prob.c.unsqueeze(1)  # (n, K)
-        cpp = (cp.unsqueeze(2) * P.unsqueeze(1)).reshape(prob.n, k * k)
-        both = prob.x2t_mm(torch.cat([cp, cpp], dim=1))
+        rhs = torch.cat([cp, (cp.unsqueeze(2) * P.unsqueeze(1)).reshape(n, k * k)], dim=1)
+        if prob.sparse:
+            both = prob.x2t_mm(rhs)
+        else:
+            item = _itemsize(prob.dtype)
+            chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * item)))
+            both = torch.zeros(d, k + k * k, dtype=P.dtype, device=P.device)
+            for lo in range(0, n, chunk):
+                Xc = prob.X[lo : lo + chunk]
+                both.addmm_((Xc * Xc).T, rhs[lo : lo + chunk])
         diag, outer = both[:, :k], both[:, k:]
         blocks = -outer.reshape(d, k, k)
         blocks.diagonal(dim1=1, dim2=2).add_(diag)
         if prob.fit_intercept:
-            bb = -(cpp.sum(0).view(1, k, k))
-            bb.diagonal(dim1=1, dim2=2).add_(cp.sum(0))
+            tot = rhs.sum(0)
+            bb = -tot[k:].reshape(1, k, k)
+            bb.diagonal(dim1=1, dim2=2).add_(tot[:k])
             blocks = torch.cat([blocks, bb], dim=0)
         if prob.lam > 0:
             blocks[:d].diagonal(dim1=1, dim2=2).add_(prob.lam)
@@ -418,9 +443,15 @@ class _BlockPreconditioner:
 
 
 def step_newton_cg(
-    prob: Problem, P: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor
+    prob: Problem,
+    P: torch.Tensor,
+    gw: torch.Tensor,
+    gb: torch.Tensor,
+    *,
+    forcing: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ min(1/2, √‖g‖)·‖g‖``."""
+    """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ η‖g‖`` with the forcing term
+    ``η = min(1/2, √‖g‖)`` (superlinear local convergence) unless ``forcing`` is given."""
     pre = _BlockPreconditioner(prob, P)
     centre_w = prob.lam == 0
 
@@ -439,12 +470,13 @@ def step_newton_cg(
     xb = torch.zeros_like(gb)
     rw, rb = project((-gw, -gb))
     gnorm = float(dot((rw, rb), (rw, rb))) ** 0.5
-    eta = min(0.5, gnorm**0.5)
+    eta = min(0.5, gnorm**0.5) if forcing is None else forcing
     target = eta * gnorm
     zw, zb = project(pre(rw, rb))
     pw, pb = zw, zb
     rz = dot((rw, rb), (zw, zb))
-    maxiter = max(20, min(500, prob.d_aug * prob.k))
+    size = prob.d_aug * prob.k
+    maxiter = max(20, min(500, size)) if forcing is None else 4 * size + 20
     for _ in range(maxiter):
         hw, hb = project(prob.hvp(P, pw, pb))
         curv = dot((pw, pb), (hw, hb))
