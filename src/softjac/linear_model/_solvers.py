@@ -27,7 +27,12 @@ Three regimes solve ``H Δ = −g`` exactly (up to the CG tolerance):
   ``K × (K−1)`` factor F_i F_iᵀ = c_i J_i; the intercepts by a K × K Schur complement.
   O((n(K−1))² K + (n(K−1))³) time, independent of d after the one ``X Xᵀ``; needs λ > 0.
 * ``newton-cg``: preconditioned CG on Hessian-vector products ``X̃ᵀ [c_i J_i (W̃ x̃_i)]``,
-  O(n d K) each, with the exact ``K × K`` diagonal blocks (one per feature) as preconditioner.
+  O(n d K) each. The preconditioner is block diagonal, one ``K × K`` block per feature,
+  ``s_j J̄ + λI`` with ``s_j = Σ_i c_i x_ij²`` and ``J̄ = Σ_i c_i J_i`` — the exact diagonal
+  block ``Σ_i c_i x_ij² J_i + λI`` with p_i replaced by its weighted mean; all blocks share
+  J̄'s eigenvectors, so it costs one K × K eigendecomposition per Newton step and two small
+  GEMMs per application. (The exact blocks cost O(n d K²) per step, about five
+  Hessian-vector products at K = 10, and saved at most 10–15 % of the products in trials.)
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class Problem:
         self.device = X.device
         self._XXt: torch.Tensor | None = None
         self._Xt: torch.Tensor | None = None
+        self._s: torch.Tensor | None = None
 
     # -- products with X -------------------------------------------------------------------
     def xw(self, W: torch.Tensor) -> torch.Tensor:
@@ -141,6 +147,21 @@ class Problem:
             )
             return X2t @ A
         return (self.X * self.X).T @ A
+
+    def sq_col_weights(self) -> torch.Tensor:
+        """``Σ_i c_i x_ij²`` per feature, ``(d,)`` (computed once)."""
+        if self._s is None:
+            if self.sparse:
+                self._s = self.x2t_mm(self.c.unsqueeze(1)).squeeze(1)
+            else:
+                item = _itemsize(self.dtype)
+                chunk = max(1, min(self.n, _CHUNK_BYTES // max(1, self.d * item)))
+                s = torch.zeros(self.d, dtype=self.dtype, device=self.device)
+                for lo in range(0, self.n, chunk):
+                    Xc = self.X[lo : lo + chunk]
+                    s.addmv_((Xc * Xc).T, self.c[lo : lo + chunk])
+                self._s = s
+        return self._s
 
     def dense_x(self) -> torch.Tensor:
         return self.X.to_dense() if self.sparse else self.X
@@ -178,20 +199,22 @@ class Problem:
         gb = R.sum(0) if self.fit_intercept else torch.zeros_like(R[0])
         return gw, gb
 
-    def hvp(
-        self, P: torch.Tensor, vw: torch.Tensor, vb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H v`` in O(n d K): ``U = X Vᵀ + v_b``, ``R_i = c_i J_i u_i``, ``(Rᵀ X + λV, Rᵀ 1)``."""
-        U = self.xw(vw)
+    def hvp(self, P: torch.Tensor, cP: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """``H v`` in O(n d K) for V = (V_w, v_b) of shape ``(K, d')``: ``U = X V_wᵀ + v_b``,
+        ``R_i = c_i J_i u_i = c_i p_i ∘ u_i − c_i p_i ⟨p_i, u_i⟩``, ``(Rᵀ X + λV_w, Rᵀ 1)``."""
+        d = self.d
+        U = self.xw(V[:, :d])
         if self.fit_intercept:
-            U = U + vb
-        PU = P * U
-        R = (PU - P * PU.sum(1, keepdim=True)) * self.c.unsqueeze(1)
-        hw = self.xtr(R)
+            U += V[:, d]
+        cPU = cP * U
+        R = torch.addcmul(cPU, cP, (P * U).sum(1, keepdim=True), value=-1.0)
+        out = torch.empty_like(V)
+        out[:, :d] = self.xtr(R)
         if self.lam > 0:
-            hw = hw + self.lam * vw
-        hb = R.sum(0) if self.fit_intercept else torch.zeros_like(vb)
-        return hw, hb
+            out[:, :d].add_(V[:, :d], alpha=self.lam)
+        if self.fit_intercept:
+            out[:, d] = R.sum(0)
+        return out
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -234,9 +257,9 @@ def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsi
         return work, mem
     if solver == "newton-cg":
         hvp = _HVP_WEIGHT * 4.0 * n * da * k + _CG_OVERHEAD
-        work = (_CG_PRODUCTS + 2) * hvp + 2.0 * n * da * k * k
+        work = (_CG_PRODUCTS + 2) * hvp + 2.0 * n * k * k
         chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * itemsize)))
-        mem = (8.0 * n * k + 2.0 * n * k * k + chunk * d + 4.0 * da * k * k + 8.0 * p) * itemsize
+        mem = (8.0 * n * k + chunk * d + 10.0 * p) * itemsize
         return work, mem
     raise ValueError(solver)
 
@@ -391,55 +414,33 @@ def step_dual(
     return dw, torch.zeros_like(gb)
 
 
-class _BlockPreconditioner:
-    """Inverse of the exact ``K × K`` diagonal blocks of H, one per feature (and intercept):
-    ``Σ_i c_i x_ij² J_i + λI`` — O(n d K²) to form (one GEMM per row chunk), O(d K³) to
-    factor, O(d K²) per apply."""
+class _KroneckerPreconditioner:
+    """Block-diagonal preconditioner: blocks ``s_j J̄ + λ_j I`` with ``s_j = Σ_i c_i x_ij²`` and ``J̄ = Σ_i c_i J_i``: the exact
+    block of feature j when p_i does not vary with x_ij². One K × K eigendecomposition per
+    Newton step, O(n K²); ``s`` once per fit, O(n d); O(d K²) per apply (two GEMMs)."""
 
     def __init__(self, prob: Problem, P: torch.Tensor):
-        k, d, n = prob.k, prob.d, prob.n
-        cp = P * prob.c.unsqueeze(1)  # (n, K)
-        rhs = torch.cat([cp, (cp.unsqueeze(2) * P.unsqueeze(1)).reshape(n, k * k)], dim=1)
-        if prob.sparse:
-            both = prob.x2t_mm(rhs)
-        else:
-            item = _itemsize(prob.dtype)
-            chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * item)))
-            both = torch.zeros(d, k + k * k, dtype=P.dtype, device=P.device)
-            for lo in range(0, n, chunk):
-                Xc = prob.X[lo : lo + chunk]
-                both.addmm_((Xc * Xc).T, rhs[lo : lo + chunk])
-        diag, outer = both[:, :k], both[:, k:]
-        blocks = -outer.reshape(d, k, k)
-        blocks.diagonal(dim1=1, dim2=2).add_(diag)
+        k, d = prob.k, prob.d
+        s = prob.sq_col_weights()  # (d,)
+        cp = P * prob.c.unsqueeze(1)
+        Jbar = torch.diag(cp.sum(0)) - cp.T @ P
+        Jbar = 0.5 * (Jbar + Jbar.T)
+        nu = float(Jbar.diagonal().mean())
+        Jbar = Jbar + (nu if nu > 0 else 1.0) / k
+        mu, V = torch.linalg.eigh(Jbar)
         if prob.fit_intercept:
-            tot = rhs.sum(0)
-            bb = -tot[k:].reshape(1, k, k)
-            bb.diagonal(dim1=1, dim2=2).add_(tot[:k])
-            blocks = torch.cat([blocks, bb], dim=0)
-        if prob.lam > 0:
-            blocks[:d].diagonal(dim1=1, dim2=2).add_(prob.lam)
-        mu = _null_shift(float(blocks.diagonal(dim1=1, dim2=2).mean()))
+            s = torch.cat([s, s.new_ones(1)])
+        lam = torch.full_like(s, prob.lam)
         if prob.fit_intercept:
-            blocks[d] += mu / k
-        if prob.lam == 0:
-            blocks[:d] += mu / k
-        tr = blocks.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(P.dtype).tiny)
-        jitter = 1e3 * torch.finfo(P.dtype).eps * tr
-        blocks.diagonal(dim1=1, dim2=2).add_(jitter.unsqueeze(1))
-        self.L, _ = torch.linalg.cholesky_ex(blocks)
-        self.fit_intercept = prob.fit_intercept
-        self.d = d
+            lam[d] = 0.0
+        den = mu.unsqueeze(1) * s.unsqueeze(0) + lam.unsqueeze(0)  # (K, d')
+        tiny = torch.finfo(P.dtype).eps * float(den.abs().max())
+        self.scale = 1.0 / den.clamp_min(tiny)
+        self.V = V
 
-    def __call__(self, rw: torch.Tensor, rb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fit_intercept:
-            R = torch.cat([rw, rb.unsqueeze(1)], dim=1)
-        else:
-            R = rw
-        Z = torch.cholesky_solve(R.T.unsqueeze(2), self.L).squeeze(2).T
-        if self.fit_intercept:
-            return Z[:, : self.d], Z[:, self.d]
-        return Z, torch.zeros_like(rb)
+    def __call__(self, R: torch.Tensor) -> torch.Tensor:
+        """``B_j⁻¹ r_j`` for every column j of R ``(K, d')``: ``V ((Vᵀ R) ∘ scale)``."""
+        return self.V @ ((self.V.T @ R) * self.scale)
 
 
 def step_newton_cg(
@@ -451,53 +452,48 @@ def step_newton_cg(
     forcing: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ η‖g‖`` with the forcing term
-    ``η = min(1/2, √‖g‖)`` (superlinear local convergence) unless ``forcing`` is given."""
-    pre = _BlockPreconditioner(prob, P)
-    centre_w = prob.lam == 0
+    ``η = min(1/2, √‖g‖)`` (superlinear local convergence) unless ``forcing`` is given.
 
-    def dot(a, b):
-        return torch.sum(a[0] * b[0]) + torch.sum(a[1] * b[1])
-
-    def project(v):
-        w, b = v
-        if centre_w:
-            w = _centre(w)
-        if prob.fit_intercept:
-            b = b - b.mean()
-        return w, b
-
-    xw = torch.zeros_like(gw)
-    xb = torch.zeros_like(gb)
-    rw, rb = project((-gw, -gb))
-    gnorm = float(dot((rw, rb), (rw, rb))) ** 0.5
+    Works on ``(K, d')`` tensors (coefficients and intercept side by side). The iterates stay
+    centred over the classes in exact arithmetic (g, H and the preconditioner all map the
+    centred subspace into itself); the result is projected once to remove rounding drift.
+    """
+    d = prob.d
+    pre = _KroneckerPreconditioner(prob, P)
+    cP = P * prob.c.unsqueeze(1)
+    g = torch.cat([gw, gb.unsqueeze(1)], dim=1) if prob.fit_intercept else gw
+    r = -g
+    gnorm = float(torch.linalg.vector_norm(g))
     eta = min(0.5, gnorm**0.5) if forcing is None else forcing
     target = eta * gnorm
-    zw, zb = project(pre(rw, rb))
-    pw, pb = zw, zb
-    rz = dot((rw, rb), (zw, zb))
+    x = torch.zeros_like(g)
+    z = pre(r)
+    p = z
+    rz = float(torch.vdot(r.reshape(-1), z.reshape(-1)))
     size = prob.d_aug * prob.k
     maxiter = max(20, min(500, size)) if forcing is None else 4 * size + 20
     for _ in range(maxiter):
-        hw, hb = project(prob.hvp(P, pw, pb))
-        curv = dot((pw, pb), (hw, hb))
-        if float(curv) <= 0:
+        hp = prob.hvp(P, cP, p)
+        curv = float(torch.vdot(p.reshape(-1), hp.reshape(-1)))
+        if curv <= 0:
             break
         alpha = rz / curv
-        xw = xw + alpha * pw
-        xb = xb + alpha * pb
-        rw = rw - alpha * hw
-        rb = rb - alpha * hb
-        if float(dot((rw, rb), (rw, rb))) ** 0.5 <= target:
+        x.add_(p, alpha=alpha)
+        r.add_(hp, alpha=-alpha)
+        if float(torch.linalg.vector_norm(r)) <= target:
             break
-        zw, zb = project(pre(rw, rb))
-        rz_new = dot((rw, rb), (zw, zb))
-        beta = rz_new / rz
+        z = pre(r)
+        rz_new = float(torch.vdot(r.reshape(-1), z.reshape(-1)))
+        p = z.add(p, alpha=rz_new / rz)
         rz = rz_new
-        pw = zw + beta * pw
-        pb = zb + beta * pb
-    if float(dot((xw, xb), (xw, xb))) == 0.0:
-        return project(pre(-gw, -gb))
-    return xw, xb
+    if not bool(x.any()):
+        x = pre(-g)
+    if prob.lam == 0:
+        x = _centre(x)
+    if prob.fit_intercept:
+        x[:, d] -= x[:, d].mean()
+        return x[:, :d], x[:, d]
+    return x, torch.zeros_like(gb)
 
 
 _STEPS = {"primal": step_primal, "dual": step_dual, "newton-cg": step_newton_cg}
