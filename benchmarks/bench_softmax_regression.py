@@ -16,7 +16,8 @@ exceed ``--max-elements`` entries are skipped and listed).
 Usage::
 
     python benchmarks/bench_softmax_regression.py [--quick] [--json PATH] [--rounds R]
-        [--newton-cholesky-timeout S] [--threads T]
+        [--newton-cholesky-timeout S] [--newton-cholesky-max-params P] [--threads T]
+        [--cases NAME ...]
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def _reference(X, y, C):
     return coef, icpt
 
 
-def run_case(name, X, y, *, tol, C, rounds, slow, nc_timeout, threads, sk_solvers, sj_solvers):
+def run_case(
+    name, X, y, *, tol, C, rounds, slow, nc_timeout, nc_max_params, threads, sk_solvers, sj_solvers
+):
     n, d = X.shape
     k = len(np.unique(y))
     ref_coef, ref_icpt = _reference(X, y, C)
@@ -166,7 +169,8 @@ def run_case(name, X, y, *, tol, C, rounds, slow, nc_timeout, threads, sk_solver
             raise SystemExit(f"correctness check failed: {r}")
     for s in sk_solvers:
         if s == "newton-cholesky":
-            if ((d + 1) * k) ** 2 * 8 > 2e9 or nc_timeout <= 0:
+            if nc_timeout <= 0 or ((d + 1) * k > nc_max_params and nc_max_params > 0):
+                print(f"{name:>16}  sklearn  newton-cholesky  skipped (--newton-cholesky-*)")
                 continue
             res = _newton_cholesky_once(X, y, tol, C, 1000, nc_timeout, threads)
             if res is None:
@@ -204,6 +208,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--slow", type=float, default=20.0, help="one round for rows slower than this")
     ap.add_argument("--newton-cholesky-timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--newton-cholesky-max-params",
+        type=int,
+        default=0,
+        help="skip newton-cholesky where (d+1)·K exceeds this (0: never skip)",
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--max-elements", type=float, default=5e7, help="largest n·d in the table")
     ap.add_argument("--cases", nargs="*", help="only these case names")
@@ -213,6 +223,7 @@ def main(argv=None) -> int:
         rounds=args.rounds,
         slow=args.slow,
         nc_timeout=args.newton_cholesky_timeout,
+        nc_max_params=args.newton_cholesky_max_params,
         threads=args.threads,
         sj_solvers=SJ_SOLVERS,
     )

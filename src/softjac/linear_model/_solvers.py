@@ -55,6 +55,9 @@ _CHUNK_BYTES = 64 * 2**20
 _CG_PRODUCTS = 25
 _HVP_WEIGHT = 3.0
 _CG_OVERHEAD = 2e6
+# A Cholesky factorisation's flops cost about this many GEMM flops (less parallel, and
+# followed by triangular solves).
+_CHOLESKY_WEIGHT = 3.0
 
 
 def reduced_factor(probs: torch.Tensor) -> torch.Tensor:
@@ -240,19 +243,21 @@ def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsi
 
     Work is in flop-equivalents of a large GEMM: Hessian-vector products (skinny products,
     bandwidth-bound) count ``_HVP_WEIGHT`` times their flops plus a fixed overhead per CG
-    iteration, and a Newton–CG step is assumed to take ``_CG_PRODUCTS`` products.
+    iteration, a Newton–CG step is assumed to take ``_CG_PRODUCTS`` products, and Cholesky
+    flops count ``_CHOLESKY_WEIGHT`` times. The constants were set from timings of the three
+    regimes on the benchmark cases (docs/softmax_regression.md).
     """
     da = d + int(fit_intercept)
     p = da * k
     r = k - 1
     if solver == "primal":
         chunk = max(1, min(n, _CHUNK_BYTES // max(1, p * itemsize)))
-        work = 2.0 * n * p * p + 2.0 * n * da * p + p**3 / 3.0
+        work = 2.0 * n * p * p + 2.0 * n * da * p + _CHOLESKY_WEIGHT * p**3 / 3.0
         mem = 2.0 * p * p * itemsize + 3.0 * chunk * p * itemsize
         return work, mem
     if solver == "dual":
         m = n * r
-        work = 4.0 * m * m * k + m**3 / 3.0 + 2.0 * n * n * d / 10.0
+        work = 4.0 * m * m * k + _CHOLESKY_WEIGHT * m**3 / 3.0 + 2.0 * n * n * d / 10.0
         mem = 3.0 * m * m * itemsize + 2.0 * n * n * itemsize
         return work, mem
     if solver == "newton-cg":
