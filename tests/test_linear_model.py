@@ -226,10 +226,13 @@ def test_sample_weight_equals_repetition():
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_sparse_equals_dense(solver):
-    X, y = _data(seed=6)
+    X, y = _data(n=80, seed=6)
     X[np.abs(X) < 0.7] = 0.0
     dense = SoftmaxRegression(tol=1e-11, solver=solver).fit(X, y)
-    for fmt in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
+    formats = (
+        (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix) if solver == "primal" else (sp.csr_matrix,)
+    )
+    for fmt in formats:
         sparse = SoftmaxRegression(tol=1e-11, solver=solver).fit(fmt(X), y)
         assert _rel(sparse.coef_, dense.coef_) <= 1e-9
         np.testing.assert_allclose(sparse.predict_proba(fmt(X)), dense.predict_proba(X), rtol=1e-9)
