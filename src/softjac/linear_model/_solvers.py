@@ -52,7 +52,7 @@ _CHUNK_BYTES = 64 * 2**20
 # The cost model of the regimes (see solver_cost): Hessian-vector products per Newton–CG
 # step, their cost per flop relative to a large GEMM, and the fixed cost of one CG
 # iteration (a dozen small tensor operations) in flop-equivalents.
-_CG_PRODUCTS = 25
+_CG_PRODUCTS = 12
 _HVP_WEIGHT = 3.0
 _CG_OVERHEAD = 2e6
 # A Cholesky factorisation's flops cost about this many GEMM flops (less parallel, and
