@@ -42,6 +42,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 __all__ = ["SOLVERS", "NewtonResult", "Problem", "choose_solver", "newton", "reduced_factor"]
 
@@ -516,8 +517,8 @@ def newton(
 ) -> NewtonResult:
     """Damped Newton: Armijo backtracking on f, stop when ``max |∇f| ≤ tol``."""
     step_fn = _STEPS[solver]
-    centre_w = prob.lam == 0
-    W = _centre(W0) if (centre_w or prob.lam > 0) else W0
+    # Centring over the classes changes no logit and never raises the penalty.
+    W = _centre(W0)
     b = b0 - b0.mean() if prob.fit_intercept else torch.zeros_like(b0)
     Z = prob.logits(W, b)
     f, P = prob.value(W, Z)
@@ -536,8 +537,7 @@ def newton(
             break
         it += 1
         dw, db = step_fn(prob, P, gw, gb)
-        if prob.lam > 0 or centre_w:
-            dw = _centre(dw)
+        dw = _centre(dw)
         if prob.fit_intercept:
             db = db - db.mean()
         slope = float(torch.sum(gw * dw) + torch.sum(gb * db))
@@ -571,7 +571,7 @@ def newton(
                 "Line search failed to decrease the objective at iteration "
                 f"{it} (max |gradient| = {gmax:.3g} > tol = {tol:.3g}); the data may be "
                 "separable (lower C) or badly scaled (standardise X).",
-                _convergence_warning(),
+                ConvergenceWarning,
                 stacklevel=3,
             )
             return NewtonResult(W, b, it, False, f, gmax, solver)
@@ -580,9 +580,3 @@ def newton(
         if verbose:
             print(f"  Newton iteration {it}: f = {f:.12g}, max|g| = {gmax:.3g}, step = {t:g}")
     return NewtonResult(W, b, it, converged, f, gmax, solver)
-
-
-def _convergence_warning() -> type[Warning]:
-    from sklearn.exceptions import ConvergenceWarning
-
-    return ConvergenceWarning
