@@ -1,0 +1,288 @@
+"""Benchmark ``softjac.linear_model.SoftmaxRegression`` against scikit-learn's solvers.
+
+Every case fits the same objective (scikit-learn's multinomial ``LogisticRegression``, L2,
+C = 1) to the same tolerance with each scikit-learn solver (``lbfgs``, ``newton-cg``, and
+``newton-cholesky`` where it is affordable) and with softjac (``auto`` and each regime).
+Correctness first: every softjac row's max |∇f|, recomputed in NumPy, must be at most
+``tol`` (what the solver promises), and a tight reference optimum (softjac's exact Newton at
+tol 1e-10; the test suite checks it against scikit-learn's) gives each row's
+``max |coef − ref|`` and ``f − f*``, which no row may beat by more than rounding; otherwise
+the run stops. Timings are median,
+20th and 80th percentiles of ``--rounds`` fits (one for rows over ``--slow`` seconds).
+
+Cases: n=100, d=1000, K=10 (tol 1e-5); n=20000, d=50, K=10; the digits data (1797 × 64,
+K=10, raw pixels); and a table n = 1e3 … 1e6, d = 10 … 1000, K=10 (rows whose X would
+exceed ``--max-elements`` entries are skipped and listed).
+
+Usage::
+
+    python benchmarks/bench_softmax_regression.py [--quick] [--json PATH] [--rounds R]
+        [--newton-cholesky-timeout S] [--newton-cholesky-max-params P] [--threads T]
+        [--cases NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits, make_classification
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from softjac.linear_model import SoftmaxRegression
+
+SK_SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky")
+SJ_SOLVERS = ("auto", "primal", "dual", "newton-cg")
+
+
+def _data(n: int, d: int, k: int, seed: int = 0):
+    X, y = make_classification(
+        n_samples=n,
+        n_features=d,
+        n_informative=min(d, 20),
+        n_redundant=0,
+        n_classes=k,
+        n_clusters_per_class=1,
+        random_state=seed,
+    )
+    return X, y
+
+
+def _objective(X, y, coef, intercept, C) -> float:
+    Z = X @ coef.T + intercept
+    if Z.shape[1] == 1:
+        Z = np.concatenate([np.zeros_like(Z), Z], axis=1)
+    Z = Z - Z.max(1, keepdims=True)
+    lse = np.log(np.exp(Z).sum(1))
+    loss = np.mean(lse - Z[np.arange(len(y)), y])
+    return float(loss + np.sum(coef**2) / (2 * C * len(y)))
+
+
+def _grad_max(X, y, coef, intercept, C) -> float:
+    """max |∇f| of the objective at (coef, intercept), multinomial K ≥ 3, unit weights."""
+    n = len(y)
+    Z = X @ coef.T + intercept
+    Z = Z - Z.max(1, keepdims=True)
+    P = np.exp(Z)
+    P /= P.sum(1, keepdims=True)
+    P[np.arange(n), y] -= 1.0
+    gw = P.T @ X / n + coef / (C * n)
+    gb = P.sum(0) / n
+    return float(max(np.abs(gw).max(), np.abs(gb).max()))
+
+
+def _fit_sklearn(solver, X, y, tol, C, max_iter):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m = LogisticRegression(C=C, tol=tol, solver=solver, max_iter=max_iter).fit(X, y)
+    return m.coef_, m.intercept_, int(np.max(m.n_iter_))
+
+
+def _fit_softjac(solver, X, y, tol, C, max_iter):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m = SoftmaxRegression(C=C, tol=tol, solver=solver, max_iter=max_iter).fit(X, y)
+    return m.coef_, m.intercept_, m.n_iter_, m.solver_
+
+
+def _time(fn, rounds, slow):
+    times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if times[-1] > slow:
+            break
+    return np.array(times), out
+
+
+def _nc_worker(q, X, y, tol, C, max_iter, threads):
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    coef, icpt, n_iter = _fit_sklearn("newton-cholesky", X, y, tol, C, max_iter)
+    q.put((time.perf_counter() - t0, coef, icpt, n_iter))
+
+
+def _newton_cholesky_once(X, y, tol, C, max_iter, timeout, threads):
+    """One newton-cholesky fit in a child process, killed after ``timeout`` seconds."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_nc_worker, args=(q, X, y, tol, C, max_iter, threads))
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return None
+    return q.get() if not q.empty() else None
+
+
+def _reference(X, y, C):
+    """Tight optimum: exact Newton (primal when the Hessian is small, else dual/CG)."""
+    coef, icpt, _, _ = _fit_softjac("auto", X, y, 1e-10, C, 200)
+    return coef, icpt
+
+
+def run_case(
+    name, X, y, *, tol, C, rounds, slow, nc_timeout, nc_max_params, threads, sk_solvers, sj_solvers
+):
+    n, d = X.shape
+    k = len(np.unique(y))
+    ref_coef, ref_icpt = _reference(X, y, C)
+    f_ref = _objective(X, y, ref_coef, ref_icpt, C)
+    rows = []
+
+    def row(lib, solver, times, coef, icpt, n_iter, note=""):
+        f = _objective(X, y, coef, icpt, C)
+        r = {
+            "case": name,
+            "n": n,
+            "d": d,
+            "K": k,
+            "tol": tol,
+            "library": lib,
+            "solver": solver,
+            "median_s": float(np.median(times)),
+            "p20_s": float(np.percentile(times, 20)),
+            "p80_s": float(np.percentile(times, 80)),
+            "rounds": len(times),
+            "objective": f,
+            "objective_excess": f - f_ref,
+            "max_abs_coef_diff": float(np.abs(coef - ref_coef).max()),
+            "n_iter": int(n_iter),
+            "note": note,
+        }
+        rows.append(r)
+        print(
+            f"{name:>16} {lib:>8} {solver:>16} {r['median_s']:9.4f}s "
+            f"[{r['p20_s']:.4f}, {r['p80_s']:.4f}] x{len(times)}  f-f*={f - f_ref:+.1e} "
+            f"|Δcoef|={r['max_abs_coef_diff']:.1e} it={n_iter} {note}",
+            flush=True,
+        )
+        return r
+
+    for s in sj_solvers:
+        if s == "dual" and n * (k - 1) > 6000:
+            continue
+        if s == "primal" and 2.0 * n * ((d + 1) * k) ** 2 > 2e10:
+            continue  # over 20 GFLOP per step: minutes on a small machine
+        times, (coef, icpt, it, used) = _time(
+            lambda s=s: _fit_softjac(s, X, y, tol, C, 200), rounds, slow
+        )
+        r = row("softjac", s if s != "auto" else f"auto ({used})", times, coef, icpt, it)
+        # What the solver promises: max |∇f| ≤ tol, recomputed here in NumPy.
+        gmax = _grad_max(X, y, coef, icpt, C)
+        r["grad_max"] = gmax
+        if not gmax <= tol * (1 + 1e-6) or r["objective_excess"] < -1e-10 * abs(f_ref):
+            raise SystemExit(f"correctness check failed: {r}")
+    for s in sk_solvers:
+        if s == "newton-cholesky":
+            if nc_timeout <= 0 or ((d + 1) * k > nc_max_params and nc_max_params > 0):
+                print(f"{name:>16}  sklearn  newton-cholesky  skipped (--newton-cholesky-*)")
+                continue
+            res = _newton_cholesky_once(X, y, tol, C, 1000, nc_timeout, threads)
+            if res is None:
+                rows.append(
+                    {
+                        "case": name,
+                        "n": n,
+                        "d": d,
+                        "K": k,
+                        "tol": tol,
+                        "library": "sklearn",
+                        "solver": s,
+                        "median_s": None,
+                        "note": f"did not finish within {nc_timeout} s (killed)",
+                    }
+                )
+                print(f"{name:>16}  sklearn  newton-cholesky  > {nc_timeout} s (killed)")
+                continue
+            t, coef, icpt, it = res
+            r = row("sklearn", s, np.array([t]), coef, icpt, it, "one run")
+        else:
+            times, (coef, icpt, it) = _time(
+                lambda s=s: _fit_sklearn(s, X, y, tol, C, 10000), rounds, slow
+            )
+            r = row("sklearn", s, times, coef, icpt, it)
+        if r["objective_excess"] < -1e-10 * abs(f_ref):
+            raise SystemExit(f"the reference optimum is not optimal: {r}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the three named cases only")
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--slow", type=float, default=20.0, help="one round for rows slower than this")
+    ap.add_argument("--newton-cholesky-timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--newton-cholesky-max-params",
+        type=int,
+        default=0,
+        help="skip newton-cholesky where (d+1)·K exceeds this (0: never skip)",
+    )
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--max-elements", type=float, default=5e7, help="largest n·d in the table")
+    ap.add_argument("--cases", nargs="*", help="only these case names")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    common = dict(
+        rounds=args.rounds,
+        slow=args.slow,
+        nc_timeout=args.newton_cholesky_timeout,
+        nc_max_params=args.newton_cholesky_max_params,
+        threads=args.threads,
+        sj_solvers=SJ_SOLVERS,
+    )
+    cases = [
+        ("n100_d1000", *_data(100, 1000, 10), 1e-5, SK_SOLVERS),
+        ("n20000_d50", *_data(20000, 50, 10), 1e-4, SK_SOLVERS),
+        ("digits", *load_digits(return_X_y=True), 1e-4, SK_SOLVERS),
+    ]
+    skipped = []
+    if not args.quick:
+        for n in (10**3, 10**4, 10**5, 10**6):
+            for d in (10, 100, 1000):
+                name = f"table_n{n:.0e}_d{d}".replace("+0", "")
+                if n * d > args.max_elements:
+                    skipped.append(name)
+                    continue
+                cases.append((name, *_data(n, d, 10, seed=1), 1e-4, ("lbfgs", "newton-cg")))
+    rows = []
+    for name, X, y, tol, sk in cases:
+        if args.cases and name not in args.cases:
+            continue
+        rows += run_case(name, X, y, tol=tol, C=1.0, sk_solvers=sk, **common)
+        _write(args.json, rows, args.threads, skipped)
+    if skipped:
+        print("skipped (n·d over --max-elements):", ", ".join(skipped))
+    _write(args.json, rows, args.threads, skipped)
+    return 0
+
+
+def _write(path, rows, threads, skipped):
+    if path:
+        meta = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "threads": threads,
+            "skipped": skipped,
+        }
+        with open(path, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
