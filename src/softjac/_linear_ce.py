@@ -212,11 +212,12 @@ def _check_targets(fn: str, t2: torch.Tensor, v: int, ignore_index: int) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_weight(t2, probs_target, weight, ii, v, n, cd, device) -> torch.Tensor:
+def _row_weight(t2, probs_target, weight, ii, v, n, cd, device, fn=_FN) -> torch.Tensor:
     """``r_n``: the row's weight in the 'mean' divisor (``w[y_n]``, 0 if ignored; 1 for
-    probability targets)."""
+    probability targets). Every path calls this first: it checks the class indices."""
     if probs_target:
         return torch.ones(n, dtype=cd, device=device)
+    _check_targets(fn, t2, v, ii)
     _, _, _, w_y, _ = _torch.ce_terms(t2, weight, ii, 0.0, v, device, cd)
     return w_y
 
@@ -256,8 +257,6 @@ def _sweep(
     cd = as_float_dtype(x2.dtype)
     dev = x2.device
     ii, eps, lam, cap = opts.ignore_index, opts.eps, opts.z_loss, opts.softcap
-    if not probs_target:
-        _check_targets(_FN, t2, v, ii)
     wc = w if w.dtype == cd else w.to(cd)
     bc = None if b is None else b.to(cd)
     cwc = None if cw is None else cw.to(cd)
@@ -806,22 +805,21 @@ def linear_cross_entropy_ggn_vp(
     with torch.no_grad():
         return _ggn_sweep(
             x2, linear_weight, linear_bias, t2, probs_target, weight, opts,
-            v_input.reshape(x2.shape), v_weight, v_bias,
+            v_input.reshape(x2.shape), v_weight, v_bias, input.shape,
         )  # fmt: skip
 
 
-def _ggn_sweep(x2, w, b, t2, probs_target, cw, opts, vx, vw, vb):
+def _ggn_sweep(x2, w, b, t2, probs_target, cw, opts, vx, vw, vb, vx_shape):
     n, d = x2.shape
     v = w.shape[0]
     cd = as_float_dtype(x2.dtype)
     dev = x2.device
     ii, eps, lam, cap = opts.ignore_index, opts.eps, opts.z_loss, opts.softcap
-    if not probs_target:
-        _check_targets("softjac.linear_cross_entropy_ggn_vp", t2, v, ii)
     wc, vwc = w.to(cd), vw.to(cd)
     bc = None if b is None else b.to(cd)
     cwc = None if cw is None else cw.detach().to(cd)
-    r_all = _row_weight(t2, probs_target, cwc, ii, v, n, cd, dev)
+    fn = "softjac.linear_cross_entropy_ggn_vp"
+    r_all = _row_weight(t2, probs_target, cwc, ii, v, n, cd, dev, fn)
     k = _grad_scale(opts, r_all, n) if opts.reduction == "mean" else torch.ones((), dtype=cd)
     out_x = torch.empty(n, d, dtype=cd, device=dev)
     out_w = torch.zeros(v, d, dtype=cd, device=dev)
@@ -862,7 +860,7 @@ def _ggn_sweep(x2, w, b, t2, probs_target, cw, opts, vx, vw, vb):
         out_w.addmm_(hu.T, xc)
         if out_b is not None:
             out_b.add_(hu.sum(0))
-    res = [out_x.to(x2.dtype).reshape(*x2.shape[:-1], d), out_w.to(w.dtype)]
+    res = [out_x.to(x2.dtype).reshape(vx_shape), out_w.to(w.dtype)]
     if out_b is not None:
         res.append(out_b.to(b.dtype))
     return tuple(res)
