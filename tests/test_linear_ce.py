@@ -224,7 +224,7 @@ def test_no_grad_forward_and_callers_tensors_untouched():
 def test_never_materialises_the_logits():
     """Every tensor created during forward + backward has fewer elements than N × V (the
     chunk is a quarter of the rows), and the largest is one chunk of logits."""
-    n, d, v, chunk = 32, 8, 24, 8
+    n, d, v, chunk = 32, 4, 40, 8  # chunk·V exceeds N·D and V·D: the largest is a chunk
     x, w, b, t, _ = make_case((n,), d=d, v=v, ignore=True, dtype=torch.float32)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
 
