@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -525,3 +529,38 @@ def test_ggn_errors_name_the_vector():
         softjac.linear_cross_entropy_ggn_vp(
             x, w, t, torch.zeros_like(x), torch.zeros_like(w), v_bias=torch.zeros(5)
         )
+
+
+_TRITON_SCRIPT = """
+import torch, torch.nn.functional as F, softjac
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(10, 4, generator=gen, requires_grad=True)
+w = torch.randn(7, 4, generator=gen, requires_grad=True)
+t = torch.randint(0, 7, (10,), generator=gen)
+t[3] = -100
+for kw in (dict(), dict(label_smoothing=0.1, softcap=3.0)):
+    out = softjac.linear_cross_entropy(x, w, t, chunk_size=4, backend="triton", **kw)
+    z = F.linear(x, w)
+    if "softcap" in kw:
+        z = 3.0 * torch.tanh(z / 3.0)
+    ref = F.cross_entropy(z, t, label_smoothing=kw.get("label_smoothing", 0.0))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    for g, g_ref in zip(torch.autograd.grad(out, [x, w]), torch.autograd.grad(ref, [x, w])):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_triton_backend_under_the_interpreter():
+    """The per-chunk Triton cross-entropy kernel (CPU tensors, ``TRITON_INTERPRET=1``, in a
+    subprocess so that the interpreter setting does not leak into this process)."""
+    pytest.importorskip("triton")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("OK")
