@@ -106,6 +106,7 @@ def worker(impl: str, n: int, d: int, v: int, reps: int) -> dict:
         before = 0
     fn(x, w, t).backward()
     extra = max(0, _status_bytes("VmHWM") - before)
+    print(json.dumps({"peak_extra_bytes": extra}), flush=True)  # early, for slow impls
     times = []
     for _ in range(reps):
         x.grad = None
