@@ -246,7 +246,6 @@ def _sweep(
     opts: _Opts,
     grad_rows: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
-    want_loss: bool = True,
 ):
     """One pass over row chunks. Returns ``(loss_rows, lse, dx, dw, db)``: the row losses and
     log-sum-exps (compute dtype, ``(N,)``) and, when ``grad_rows`` (``(N,)``) is given, the
