@@ -3,6 +3,7 @@ eager loss ``F.cross_entropy(F.linear(x, W), t)`` and PyTorch's chunked
 ``F.linear_cross_entropy(..., options=nn.LinearCrossEntropyOptions())``.
 
     python benchmarks/bench_linear_ce.py [--quick] [--reps R] [--json PATH]
+    python benchmarks/bench_linear_ce.py --accuracy [--json PATH]
 
 Checks correctness first (float64 loss and gradients of every implementation against the
 eager loss), then, for each shape and implementation, runs forward+backward in a fresh
@@ -17,6 +18,11 @@ subprocess (so that the peak resident set size belongs to that implementation al
 
 Rows (one JSON schema): ``op, shape, dtype, impl, median_s, p20_s, p80_s, peak_extra_bytes``
 plus the ratios to eager and to torch's chunked path and the machine's load average.
+
+``--accuracy``: bfloat16 inputs at N = 128, D = 128, V ∈ {32768, 128256, 256000}; max and
+p99 relative error (``|g − ref| / max(|ref|, 1e-3 · max|ref|)``) of dInput and dWeight against
+float64, for softjac and for the materialised loss in float32 (raw, and rounded to bfloat16:
+the best a bfloat16 result can be) and in bfloat16.
 """
 
 from __future__ import annotations
@@ -156,12 +162,68 @@ def run_shape(n: int, d: int, v: int, reps: int, timeout: float) -> list[dict]:
     return rows
 
 
+def _rel_err(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    import numpy as np
+
+    rel = (g.double() - ref).abs() / ref.abs().clamp_min(ref.abs().max() * 1e-3)
+    return rel.max().item(), float(np.percentile(rel.flatten().numpy(), 99))
+
+
+def accuracy_rows() -> list[dict]:
+    import softjac
+
+    rows = []
+    n, d = 128, 128
+    for v in (32768, 128256, 256000):
+        gen = torch.Generator().manual_seed(v)
+        x = torch.randn(n, d, generator=gen).bfloat16()
+        w = (torch.randn(v, d, generator=gen) * d**-0.5).bfloat16()
+        t = torch.randint(0, v, (n,), generator=gen)
+
+        def grads(fn, dtype, x=x, w=w):
+            xx = x.to(dtype, copy=True).requires_grad_()
+            ww = w.to(dtype, copy=True).requires_grad_()
+            fn(xx, ww).backward()
+            return xx.grad, ww.grad
+
+        eager = lambda a, b, t=t: F.cross_entropy(F.linear(a, b), t)  # noqa: E731
+        ref = grads(eager, torch.float64)
+        cases = {
+            "softjac (bf16 in, fp32 inside)": grads(
+                lambda a, b, t=t: softjac.linear_cross_entropy(a, b, t), torch.bfloat16
+            ),
+            "eager float32": grads(eager, torch.float32),
+            "eager bfloat16": grads(eager, torch.bfloat16),
+        }
+        cases["eager float32 rounded to bf16"] = tuple(g.bfloat16() for g in cases["eager float32"])
+        for impl, (gx, gw) in cases.items():
+            ex, ew = _rel_err(gx, ref[0]), _rel_err(gw, ref[1])
+            rows.append(
+                {
+                    "op": "linear_cross_entropy grad accuracy",
+                    "shape": [n, d, v],
+                    "dtype": "bfloat16",
+                    "impl": impl,
+                    "dx_max_rel": ex[0],
+                    "dx_p99_rel": ex[1],
+                    "dw_max_rel": ew[0],
+                    "dw_p99_rel": ew[1],
+                }
+            )
+            print(
+                f"{(n, d, v)!s:>18} {impl:>32} dX max {ex[0]:.2e} p99 {ex[1]:.2e}   "
+                f"dW max {ew[0]:.2e} p99 {ew[1]:.2e}"
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape (a smoke run)")
     ap.add_argument("--reps", type=int, default=5, help="timed passes per implementation")
     ap.add_argument("--json", metavar="PATH", help="write the rows and the environment here")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per implementation")
+    ap.add_argument("--accuracy", action="store_true", help="the bf16 gradient-accuracy rows")
     ap.add_argument("--worker", nargs=5, metavar=("IMPL", "N", "D", "V", "REPS"), help="internal")
     args = ap.parse_args(argv)
     if args.worker:
@@ -169,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(impl, int(n), int(d), int(v), int(reps))))
         return 0
     check_correctness()
+    if args.accuracy:
+        rows = accuracy_rows()
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"rows": rows}, fh, indent=1)
+        return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = []
     hdr = f"{'shape (N, D, V)':>20} {'impl':>14} {'median s':>9} {'p20':>7} {'p80':>7} "
