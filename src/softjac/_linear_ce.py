@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import cast
 
 import torch
 from torch import nn
@@ -911,12 +912,14 @@ class LinearCrossEntropy(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of ``input`` ``(..., D)`` against ``target``; see
         :func:`linear_cross_entropy`."""
-        return linear_cross_entropy(
-            input, self.weight, target, linear_bias=self.bias, weight=self.class_weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            chunk_size=self.chunk_size, backend=self.backend,
+        out = linear_cross_entropy(
+            input, self.weight, target, linear_bias=self.bias,
+            weight=cast("torch.Tensor | None", self.class_weight), reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
+            backend=self.backend,
         )  # fmt: skip
+        return cast(torch.Tensor, out)  # return_lse is off
 
     def logits(self, input: torch.Tensor) -> torch.Tensor:
         """The full logits ``(..., V)`` (soft-capped when ``softcap`` is set): O(N·V) memory."""
