@@ -296,6 +296,41 @@ def test_gradient_error_at_most_the_materialised_float32_baseline(dtype):
         assert p99 <= factor * p99_b, (p99, p99_b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_with_every_torch_path_option(dtype):
+    """Probability targets with z-loss and softcap (the torch-ops path on the float32 chunk):
+    values and gradients within one rounding of the float64 loss of the same half values."""
+    x, w, b, t, cw = make_case((2, 5), d=8, v=30, probs=True, dtype=torch.float32)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    kw = dict(weight=cw, label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    out = softjac.linear_cross_entropy(*leaves[:2], t.to(dtype), linear_bias=leaves[2], **kw)
+    leaves64 = [a.double().requires_grad_() for a in (x, w, b)]
+    kw64 = {**kw, "weight": cw.double()}
+    ref = reference_loss(*leaves64[:2], t.to(dtype).double(), bias=leaves64[2], **kw64)
+    assert out.dtype == dtype
+    tol = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    for g, g_ref in zip(grads(out, leaves), grads(ref, leaves64), strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * g_ref.abs().max())
+
+
+def test_z_loss_is_averaged_like_the_cross_entropy():
+    """With every class weight equal to 2 the 'mean' loss (z-loss included) is the unweighted
+    one; 'sum' doubles it. Ignored rows add no z-loss."""
+    x, w, _, t, _ = make_case((8,), ignore=True)
+    two = torch.full((5,), 2.0, dtype=F64)
+    kw = dict(z_loss=0.3, softcap=4.0)
+    plain = softjac.linear_cross_entropy(x, w, t, **kw)
+    torch.testing.assert_close(softjac.linear_cross_entropy(x, w, t, weight=two, **kw), plain)
+    s1 = softjac.linear_cross_entropy(x, w, t, reduction="sum", **kw)
+    s2 = softjac.linear_cross_entropy(x, w, t, weight=two, reduction="sum", **kw)
+    torch.testing.assert_close(s2, 2 * s1)
+    rows = softjac.linear_cross_entropy(x, w, t, reduction="none", **kw)
+    assert torch.equal(rows[t == -100], torch.zeros_like(rows[t == -100]))
+
+
 # ---------------------------------------------------------------------------------------------
 # second order
 # ---------------------------------------------------------------------------------------------
