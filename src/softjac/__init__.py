@@ -14,6 +14,11 @@ from softjac._functional import (
     vjp,
     vjp_from_probs,
 )
+from softjac._linear_ce import (
+    LinearCrossEntropy,
+    linear_cross_entropy,
+    linear_cross_entropy_ggn_vp,
+)
 from softjac._losses import (
     CrossEntropyHessian,
     cross_entropy,
@@ -55,6 +60,10 @@ __all__ = [
     "cross_entropy_hessian",
     "CrossEntropyHessian",
     "fisher_sqrt",
+    # fused linear + cross-entropy: chunked, never the N×V logits; its GGN products
+    "linear_cross_entropy",
+    "linear_cross_entropy_ggn_vp",
+    "LinearCrossEntropy",
     # structured operator: O(K) products, O(K²) spectrum, inverses, factors
     "SoftmaxJacobian",
     "SoftmaxJacobianPinv",
