@@ -1,0 +1,248 @@
+"""Vocabulary-parallel softmax, log-softmax, VJP and cross-entropy (the math and autograd).
+
+Every function here works on one rank's shard ``z`` of shape ``(M, V_r)`` (rows × local classes,
+in the compute dtype) and the group's :class:`~softjac.distributed._comm.Shards`. The single-device
+formulas of :mod:`softjac._core` are split into per-rank partial sums:
+
+* one all-reduce (max) of the row maxima gives ``m``; each rank forms ``e = exp(z − m)``;
+* one all-reduce (sum) of a few columns per row gives the rest. The sum ``S = Σ e`` is carried
+  as ``S_excl`` (each rank's sum *without* its entry equal to ``m``, which is exactly 1) and the
+  count ``c`` of ranks holding such an entry, so that ``r = Σ_{j≠i*} e_j = S_excl + (c − 1)`` is
+  exact in the same sense as on one device, ``S = 1 + r`` and ``log S = log1p(r)``.
+
+Ties of the maximum across ranks (``c > 1``) make ``σ_{i*} ≤ 1/2``: no entry is then special,
+and the plain formula is used everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from softjac.distributed import _comm
+
+
+def row_max(z: torch.Tensor, group) -> torch.Tensor:
+    """Global row maximum ``m`` ``(M,)`` (all-reduce max #1)."""
+    return _comm.all_reduce_max(z.amax(dim=-1).clone(), group)
+
+
+def exp_parts(z: torch.Tensor, m: torch.Tensor):
+    """``(e, has, k, ms, s_excl)`` for shard ``z`` and global maxima ``m``:
+    ``e = exp(z − ms)`` with ``ms`` = ``m`` (0 for a fully masked row), ``has`` whether this
+    rank holds an entry equal to ``m`` (its first one is ``k``, where ``e_k = 1``), and
+    ``s_excl`` the local sum of ``e`` without that entry."""
+    finite = torch.isfinite(m)
+    ms = torch.where(finite, m, torch.zeros_like(m))
+    e = (z - ms.unsqueeze(-1)).exp()
+    k = z.argmax(dim=-1, keepdim=True)
+    has = (z.gather(-1, k).squeeze(-1) == m) & finite
+    s_all = e.sum(dim=-1)
+    s_excl = torch.where(has, e.scatter(-1, k, 0.0).sum(dim=-1), s_all)
+    return e, has, k, ms, s_excl
+
+
+def sum_parts(s_excl_total: torch.Tensor, count: torch.Tensor):
+    """From the all-reduced ``S_excl`` and the count ``c``: ``(r, s, log s)`` with
+    ``r = S_excl + (c − 1)``; a fully masked row (``c = 0``) gets ``s = 1`` (σ = 0)."""
+    masked = count < 0.5
+    r = torch.where(masked, torch.zeros_like(s_excl_total), s_excl_total + (count - 1))
+    s = 1 + r
+    return r, s, torch.log1p(r)
+
+
+# ----------------------------------------------------------------------------------------
+# softmax and log-softmax
+
+
+class SoftmaxShard(torch.autograd.Function):
+    """σ over the sharded last dim; backward ``σ ⊙ (g − ⟨σ, g⟩)`` with one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, z, group):
+        with torch.no_grad():
+            m = row_max(z, group)
+            e, has, k, _, s_excl = exp_parts(z, m)
+            red = torch.stack([s_excl, has.to(z.dtype)], dim=-1)
+            _comm.all_reduce_sum(red, group)  # all-reduce #2
+            _, s, _ = sum_parts(red[:, 0], red[:, 1])
+            p = e / s.unsqueeze(-1)
+        ctx.group = group
+        ctx.save_for_backward(p, has, k)
+        return p
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        p, has, k = ctx.saved_tensors
+        return probs_vjp(p, g.to(p.dtype), has, k, ctx.group), None
+
+
+def probs_vjp(p, g, has, k, group) -> torch.Tensor:
+    """``σ ⊙ (g − ⟨σ, g⟩)`` on a shard, the global argmax entry (when one rank owns it) as
+    ``σ_{i*} Σ_{j≠i*} σ_j (g_{i*} − g_j)`` from all-reduced partial sums (one all-reduce)."""
+    pg = p * g
+    a_excl = torch.where(has, p.scatter(-1, k, 0.0).sum(-1), p.sum(-1))
+    b_excl = torch.where(has, pg.scatter(-1, k, 0.0).sum(-1), pg.sum(-1))
+    v1 = torch.where(has, pg.gather(-1, k).squeeze(-1), torch.zeros_like(b_excl))
+    red = torch.stack([a_excl, has.to(p.dtype), b_excl, v1], dim=-1)
+    _comm.all_reduce_sum(red, group)
+    a, c, b, v = red.unbind(-1)
+    centred = g - (b + v).unsqueeze(-1)
+    owner = has & (c > 0.5) & (c < 1.5)
+    gk = g.gather(-1, k).squeeze(-1)
+    t = gk * a - b  # Σ_{j≠i*} σ_j (g_{i*} − g_j) = g_{i*} Σ_{j≠i*} σ_j − Σ_{j≠i*} σ_j g_j
+    centred = torch.where(
+        owner.unsqueeze(-1) & (torch.arange(p.shape[-1], device=p.device) == k),
+        t.unsqueeze(-1),
+        centred,
+    )
+    return p * centred
+
+
+class LogSoftmaxShard(torch.autograd.Function):
+    """``log σ = z − m − log1p(r)`` over the sharded last dim; backward ``g − σ Σ g`` (one
+    all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, z, group):
+        with torch.no_grad():
+            m = row_max(z, group)
+            _, has, _, ms, s_excl = exp_parts(z, m)
+            red = torch.stack([s_excl, has.to(z.dtype)], dim=-1)
+            _comm.all_reduce_sum(red, group)
+            _, _, logs = sum_parts(red[:, 0], red[:, 1])
+            out = z - (ms + logs).unsqueeze(-1)
+        ctx.group = group
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (out,) = ctx.saved_tensors
+        g = g.to(out.dtype)
+        total = _comm.all_reduce_sum(g.sum(-1).clone(), ctx.group)
+        return g - out.exp() * total.unsqueeze(-1), None
+
+
+def logits_vjp(z: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
+    """``J v`` from logits on a shard, σ never rounded on its own (the distributed form of
+    ``softjac._core.vjp_logits_last``): ``(J v)_i = e_i u_i / S²`` with
+    ``u_i = v_i S − Σ_j e_j v_j`` and, on the rank owning the global argmax,
+    ``u_{i*} = v_{i*} r − Σ_{j≠i*} e_j v_j`` from all-reduced partial sums. Two all-reduces."""
+    m = row_max(z, group)
+    e, has, k, _, s_excl = exp_parts(z, m)
+    ev = e * v
+    b_excl = torch.where(has, ev.scatter(-1, k, 0.0).sum(-1), ev.sum(-1))
+    v1 = torch.where(has, v.gather(-1, k).squeeze(-1), torch.zeros_like(b_excl))
+    red = torch.stack([s_excl, has.to(z.dtype), b_excl, v1], dim=-1)
+    _comm.all_reduce_sum(red, group)
+    s_ex, c, b, vs = red.unbind(-1)
+    r, s, _ = sum_parts(s_ex, c)
+    u = v * s.unsqueeze(-1) - (b + vs).unsqueeze(-1)
+    owner = has & (c > 0.5) & (c < 1.5)
+    q = v.gather(-1, k).squeeze(-1) * s_ex - b  # count 1: r = S_excl, Σ_{j≠i*} e_j v_j = b
+    at_k = torch.arange(z.shape[-1], device=z.device) == k
+    u = torch.where(owner.unsqueeze(-1) & at_k, q.unsqueeze(-1), u)
+    y = e * u
+    r2, s2 = r.unsqueeze(-1), (s * s).unsqueeze(-1)
+    return torch.where(r2 <= 1, y - y * (r2 * (2 + r2) / s2), y / s2)
+
+
+# ----------------------------------------------------------------------------------------
+# cross-entropy
+
+
+class CrossEntropyShard(torch.autograd.Function):
+    """Per-row cross-entropy losses ``(M,)`` of a vocabulary-sharded row block.
+
+    Class indices: ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/V) Σ_c w_c (lse_n − z_{n,c})
+    + ζ lse_n²`` (0 for ignored rows). Probabilities: ``loss_n = Σ_c w_c y'_{n,c}
+    (lse_n − z_{n,c}) + ζ lse_n²`` with ``y' = (1 − ε) y + ε/V``. Forward: two all-reduces
+    (max; one sum of ``[S_excl, c, target or ⟨w y', m − z⟩ part, smoothing or Σ w y']``).
+    Backward: none — ``∂loss_n/∂z = a_n σ − (target part)`` with everything global saved.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, target, w_full, group, start, total, eps, ignore_index, zl):
+        with torch.no_grad():
+            m = row_max(z, group)
+            e, has, _, ms, s_excl = exp_parts(z, m)
+            del e
+            n_loc = z.shape[-1]
+            w_loc = None if w_full is None else w_full[start : start + n_loc].to(z.dtype)
+            shifted = ms.unsqueeze(-1) - z  # m − z ≥ 0
+            if target is not None:
+                valid = target != ignore_index
+                tg = torch.where(valid, target, torch.zeros_like(target))
+                mine = valid & (tg >= start) & (tg < start + n_loc)
+                tl = torch.where(mine, tg - start, torch.zeros_like(tg)).unsqueeze(-1)
+                d_y = torch.where(mine, shifted.gather(-1, tl).squeeze(-1), torch.zeros_like(m))
+                if eps > 0:
+                    sm = (shifted if w_loc is None else shifted * w_loc).sum(-1)
+                else:
+                    sm = torch.zeros_like(m)
+                red = torch.stack([s_excl, has.to(z.dtype), d_y, sm], dim=-1)
+            else:
+                wy = (1.0 - eps) * y.to(z.dtype) + eps / total
+                if w_loc is not None:
+                    wy = wy * w_loc
+                red = torch.stack([s_excl, has.to(z.dtype), wy.sum(-1), (wy * shifted).sum(-1)], -1)
+            _comm.all_reduce_sum(red, group)
+            s_ex, c, a2, a3 = red.unbind(-1)
+            _, _, logs = sum_parts(s_ex, c)
+            lse = ms + logs
+            if target is not None:
+                if w_full is None:
+                    w_y = valid.to(z.dtype)
+                    w_sum = float(total)
+                else:
+                    wf = w_full.to(z.dtype)
+                    w_y = torch.where(valid, wf[tg], torch.zeros_like(m))
+                    w_sum = wf.sum()
+                rows = (1.0 - eps) * w_y * (a2 + logs)
+                if eps > 0:
+                    rows = rows + torch.where(valid, (eps / total) * (a3 + w_sum * logs), 0.0)
+                coef = (1.0 - eps) * w_y + (eps / total) * w_sum * valid.to(z.dtype)
+                if zl > 0:
+                    rows = rows + torch.where(valid, zl * lse * lse, 0.0)
+                    coef = coef + torch.where(valid, 2.0 * zl * lse, 0.0)
+                ctx.save_for_backward(z, lse, coef, w_y, tl.squeeze(-1), mine, valid, w_loc)
+            else:
+                rows = a3 + a2 * logs
+                coef = a2
+                if zl > 0:
+                    rows = rows + zl * lse * lse
+                    coef = coef + 2.0 * zl * lse
+                ctx.save_for_backward(z, lse, coef, y, w_loc)
+        ctx.index = target is not None
+        ctx.eps, ctx.total = eps, total
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        eps, total = ctx.eps, ctx.total
+        if ctx.index:
+            z, lse, coef, w_y, tl, mine, valid, w_loc = ctx.saved_tensors
+            g = g.to(z.dtype)
+            p = (z - lse.unsqueeze(-1)).exp()
+            out = p * (g * coef).unsqueeze(-1)
+            hit = torch.where(mine, -(1.0 - eps) * w_y * g, torch.zeros_like(g))
+            out = out.scatter_add(-1, tl.unsqueeze(-1), hit.unsqueeze(-1))
+            if eps > 0:
+                sm = (eps / total) * torch.where(valid, g, torch.zeros_like(g)).unsqueeze(-1)
+                out = out - (sm if w_loc is None else sm * w_loc)
+            return out, None, None, None, None, None, None, None, None, None
+        z, lse, coef, y, w_loc = ctx.saved_tensors
+        g = g.to(z.dtype)
+        p = (z - lse.unsqueeze(-1)).exp()
+        wy = (1.0 - eps) * y.to(z.dtype) + eps / total
+        if w_loc is not None:
+            wy = wy * w_loc
+        gz = (p * coef.unsqueeze(-1) - wy) * g.unsqueeze(-1)
+        gy = None
+        if ctx.needs_input_grad[1]:
+            w = (1.0 - eps) if w_loc is None else (1.0 - eps) * w_loc
+            gy = (w * (lse.unsqueeze(-1) - z) * g.unsqueeze(-1)).to(y.dtype)
+        return gz, gy, None, None, None, None, None, None, None, None
