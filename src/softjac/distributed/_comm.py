@@ -210,7 +210,7 @@ def _check_table(fn: str, table: torch.Tensor, kind: int, ignore_index: int) -> 
     if any(s >= 0 for s in starts):
         if any(s < 0 for s in starts):
             return f"`{fn}`: `vocab_start` must be given on every rank or on none."
-        spans = sorted(zip(starts, sizes))
+        spans = sorted(zip(starts, sizes, strict=True))
         pos = 0
         for s, n in spans:
             if s != pos:

@@ -111,7 +111,7 @@ class LogSoftmaxShard(torch.autograd.Function):
             red = torch.stack([s_excl, has.to(z.dtype)], dim=-1)
             _comm.all_reduce_sum(red, group)
             _, _, logs = sum_parts(red[:, 0], red[:, 1])
-            out = z - (ms + logs).unsqueeze(-1)
+            out = (z - ms.unsqueeze(-1)) - logs.unsqueeze(-1)
         ctx.group = group
         ctx.save_for_backward(out)
         return out
@@ -153,25 +153,34 @@ def logits_vjp(z: torch.Tensor, v: torch.Tensor, group) -> torch.Tensor:
 # cross-entropy
 
 
+def _probs(z, ms, logs):
+    """``σ = exp((z − m) − log S)``: errors relative to the row's spread, not to ``|lse|``."""
+    return ((z - ms.unsqueeze(-1)) - logs.unsqueeze(-1)).exp()
+
+
 class CrossEntropyShard(torch.autograd.Function):
     """Per-row cross-entropy losses ``(M,)`` of a vocabulary-sharded row block.
 
     Class indices: ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/V) Σ_c w_c (lse_n − z_{n,c})
     + ζ lse_n²`` (0 for ignored rows). Probabilities: ``loss_n = Σ_c w_c y'_{n,c}
-    (lse_n − z_{n,c}) + ζ lse_n²`` with ``y' = (1 − ε) y + ε/V``. Forward: two all-reduces
-    (max; one sum of ``[S_excl, c, target or ⟨w y', m − z⟩ part, smoothing or Σ w y']``).
-    Backward: none — ``∂loss_n/∂z = a_n σ − (target part)`` with everything global saved.
+    (lse_n − z_{n,c}) + ζ lse_n²`` with ``y' = (1 − ε) y + ε/V``. ``lse − z`` is formed as
+    ``(m − z) + log1p(r)``, so errors follow the row's spread, not ``|lse|``. Forward: two
+    all-reduces (max; one sum of 4 or 5 columns: ``S_excl``, ``c``, the target's ``m − z_y``
+    or ``Σ_{c≠i*} w_c y'_c`` and the owner's ``w y'``, the smoothing ``Σ w (m − z)`` or
+    ``⟨w y', m − z⟩``). Backward: no communication — ``∂loss_n/∂z = a_n σ − t_n`` (``t`` the
+    target part) with ``a_n`` and ``lse_n`` saved; the entry of the global argmax ``i*`` is
+    ``(a_n − t_{n,i*}) − a_n r/S`` (``σ_{i*} = 1 − r/S``), exact when the target is the argmax.
     """
 
     @staticmethod
     def forward(ctx, z, y, target, w_full, group, start, total, eps, ignore_index, zl):
         with torch.no_grad():
             m = row_max(z, group)
-            e, has, _, ms, s_excl = exp_parts(z, m)
-            del e
+            _, has, k, ms, s_excl = exp_parts(z, m)
             n_loc = z.shape[-1]
             w_loc = None if w_full is None else w_full[start : start + n_loc].to(z.dtype)
             shifted = ms.unsqueeze(-1) - z  # m − z ≥ 0
+            hasf = has.to(z.dtype)
             if target is not None:
                 valid = target != ignore_index
                 tg = torch.where(valid, target, torch.zeros_like(target))
@@ -182,39 +191,46 @@ class CrossEntropyShard(torch.autograd.Function):
                     sm = (shifted if w_loc is None else shifted * w_loc).sum(-1)
                 else:
                     sm = torch.zeros_like(m)
-                red = torch.stack([s_excl, has.to(z.dtype), d_y, sm], dim=-1)
+                red = torch.stack([s_excl, hasf, d_y, sm], dim=-1)
             else:
                 wy = (1.0 - eps) * y.to(z.dtype) + eps / total
                 if w_loc is not None:
                     wy = wy * w_loc
-                red = torch.stack([s_excl, has.to(z.dtype), wy.sum(-1), (wy * shifted).sum(-1)], -1)
+                wy_k = torch.where(has, wy.gather(-1, k).squeeze(-1), torch.zeros_like(m))
+                wy_x = torch.where(has, wy.scatter(-1, k, 0.0).sum(-1), wy.sum(-1))
+                red = torch.stack([s_excl, hasf, wy_x, wy_k, (wy * shifted).sum(-1)], -1)
             _comm.all_reduce_sum(red, group)
-            s_ex, c, a2, a3 = red.unbind(-1)
-            _, _, logs = sum_parts(s_ex, c)
+            s_ex, c = red[:, 0], red[:, 1]
+            r, _, logs = sum_parts(s_ex, c)
             lse = ms + logs
+            owner = has & (c > 0.5) & (c < 1.5)
             if target is not None:
+                d_y, sm = red[:, 2], red[:, 3]
+                vf = valid.to(z.dtype)
                 if w_full is None:
-                    w_y = valid.to(z.dtype)
-                    w_sum = float(total)
+                    w_y = vf
+                    w_sum = torch.tensor(float(total), dtype=z.dtype, device=z.device)
                 else:
                     wf = w_full.to(z.dtype)
                     w_y = torch.where(valid, wf[tg], torch.zeros_like(m))
                     w_sum = wf.sum()
-                rows = (1.0 - eps) * w_y * (a2 + logs)
+                rows = (1.0 - eps) * w_y * (d_y + logs)
                 if eps > 0:
-                    rows = rows + torch.where(valid, (eps / total) * (a3 + w_sum * logs), 0.0)
-                coef = (1.0 - eps) * w_y + (eps / total) * w_sum * valid.to(z.dtype)
+                    rows = rows + (eps / total) * (sm + w_sum * logs) * vf
+                a_z = 2.0 * zl * lse * vf
                 if zl > 0:
-                    rows = rows + torch.where(valid, zl * lse * lse, 0.0)
-                    coef = coef + torch.where(valid, 2.0 * zl * lse, 0.0)
-                ctx.save_for_backward(z, lse, coef, w_y, tl.squeeze(-1), mine, valid, w_loc)
+                    rows = rows + zl * lse * lse * vf
+                ctx.save_for_backward(
+                    z, ms, logs, r, a_z, w_y, w_sum, tl.squeeze(-1), mine, valid, w_loc, owner, k
+                )
             else:
-                rows = a3 + a2 * logs
-                coef = a2
+                wy_x, wy_own, d_w = red[:, 2], red[:, 3], red[:, 4]
+                wy_sum = wy_x + wy_own
+                rows = d_w + wy_sum * logs
+                a_z = 2.0 * zl * lse
                 if zl > 0:
                     rows = rows + zl * lse * lse
-                    coef = coef + 2.0 * zl * lse
-                ctx.save_for_backward(z, lse, coef, y, w_loc)
+                ctx.save_for_backward(z, ms, logs, r, a_z, wy_x, wy_sum, y, w_loc, owner, k)
         ctx.index = target is not None
         ctx.eps, ctx.total = eps, total
         return rows
@@ -223,26 +239,43 @@ class CrossEntropyShard(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         eps, total = ctx.eps, ctx.total
+        nones = (None,) * 8
         if ctx.index:
-            z, lse, coef, w_y, tl, mine, valid, w_loc = ctx.saved_tensors
+            z, ms, logs, r, a_z, w_y, w_sum, tl, mine, valid, w_loc, owner, k = ctx.saved_tensors
             g = g.to(z.dtype)
-            p = (z - lse.unsqueeze(-1)).exp()
-            out = p * (g * coef).unsqueeze(-1)
-            hit = torch.where(mine, -(1.0 - eps) * w_y * g, torch.zeros_like(g))
-            out = out.scatter_add(-1, tl.unsqueeze(-1), hit.unsqueeze(-1))
+            vf = valid.to(z.dtype)
+            a_ce = (1.0 - eps) * w_y + (eps / total) * w_sum * vf
+            a = a_ce + a_z
+            out = _probs(z, ms, logs) * a.unsqueeze(-1)
+            out = out.scatter_add(-1, tl.unsqueeze(-1), (-(1.0 - eps) * w_y * mine).unsqueeze(-1))
             if eps > 0:
-                sm = (eps / total) * torch.where(valid, g, torch.zeros_like(g)).unsqueeze(-1)
+                sm = (eps / total) * vf.unsqueeze(-1)
                 out = out - (sm if w_loc is None else sm * w_loc)
-            return out, None, None, None, None, None, None, None, None, None
-        z, lse, coef, y, w_loc = ctx.saved_tensors
+            # the argmax entry: a σ_k − t_k = (a − t_k) − a r/S, with a − t_k from its parts
+            w_k = torch.ones_like(r) if w_loc is None else w_loc[k.squeeze(-1)]
+            hit_k = mine & (tl == k.squeeze(-1))
+            a_minus_t = (1.0 - eps) * w_y * (~hit_k) + (eps / total) * (w_sum - w_k) * vf + a_z
+            g_k = a_minus_t - a * (r / (1 + r))
+            out = _set_entry(out, owner, k, g_k)
+            return out * g.unsqueeze(-1), *nones, None, None
+        z, ms, logs, r, a_z, wy_x, wy_sum, y, w_loc, owner, k = ctx.saved_tensors
         g = g.to(z.dtype)
-        p = (z - lse.unsqueeze(-1)).exp()
         wy = (1.0 - eps) * y.to(z.dtype) + eps / total
         if w_loc is not None:
             wy = wy * w_loc
-        gz = (p * coef.unsqueeze(-1) - wy) * g.unsqueeze(-1)
+        a = wy_sum + a_z
+        gz = _probs(z, ms, logs) * a.unsqueeze(-1) - wy
+        gz = _set_entry(gz, owner, k, (wy_x + a_z) - a * (r / (1 + r)))
+        gz = gz * g.unsqueeze(-1)
         gy = None
         if ctx.needs_input_grad[1]:
             w = (1.0 - eps) if w_loc is None else (1.0 - eps) * w_loc
-            gy = (w * (lse.unsqueeze(-1) - z) * g.unsqueeze(-1)).to(y.dtype)
-        return gz, gy, None, None, None, None, None, None, None, None
+            lse_z = logs.unsqueeze(-1) - (z - ms.unsqueeze(-1))  # lse − z, from the spread
+            gy = (w * lse_z * g.unsqueeze(-1)).to(y.dtype)
+        return gz, gy, *nones
+
+
+def _set_entry(x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, value: torch.Tensor):
+    """``x`` with ``x[n, k_n] = value_n`` where ``rows`` is True."""
+    current = x.gather(-1, k).squeeze(-1)
+    return x.scatter(-1, k, torch.where(rows, value, current).unsqueeze(-1))
