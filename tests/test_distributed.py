@@ -13,6 +13,7 @@ side asserts every rank's outcome. Collectives are counted with
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -50,11 +51,6 @@ def case(group: object):
 def sizes_for(v: int, w: int) -> list[int]:
     """Contiguous shards in rank order; the first ``v % w`` ranks get one more class."""
     return [v // w + (1 if r < v % w else 0) for r in range(w)]
-
-
-def shard(x: torch.Tensor, sizes: list[int], rank: int, dim: int = -1) -> torch.Tensor:
-    start = sum(sizes[:rank])
-    return x.narrow(dim, start, sizes[rank]).clone()
 
 
 def full_logits(seed, shape, scale=1.0, dtype=torch.float64):
@@ -134,21 +130,25 @@ def grad_row_scale(z, target, kw, probs):
     return s * (a + t)
 
 
-def count_comms(fn):
-    """Run ``fn`` under CommDebugMode; return ``(result, {op name: count})``."""
+@contextlib.contextmanager
+def comms():
+    """``with comms() as counts:`` fills ``counts`` with ``{collective: number}`` issued in the
+    block (``torch.distributed.tensor.debug.CommDebugMode``)."""
     from torch.distributed.tensor.debug import CommDebugMode
 
+    counts: dict = {}
     with CommDebugMode() as mode:
-        out = fn()
-    counts = {
-        str(k).split("'")[1] if "'" in str(k) else str(k): v
-        for k, v in mode.get_comm_counts().items()
-    }
-    return out, counts
+        yield counts
+    for k, v in mode.get_comm_counts().items():
+        counts[str(getattr(k, "_qualified_op_name", k))] = v
 
 
 def n_allreduce(counts):
     return sum(v for k, v in counts.items() if "allreduce" in k)
+
+
+def n_allgather(counts):
+    return sum(v for k, v in counts.items() if "allgather" in k)
 
 
 def reference_ce(
@@ -203,21 +203,13 @@ CE_OPTIONS = [
 
 
 def _ce_against_reference(
-    group,
-    rank,
-    world,
-    *,
-    v=11,
-    batch=(3, 4),
-    probs=False,
-    scale=1.0,
-    seed=0,
-    vocab_start=None,
-    sizes=None,
+    group, rank, world, *, v=11, batch=(3, 4), probs=False, scale=1.0, seed=0, layout=None
 ):
     import softjac.distributed as sd
 
-    sizes = sizes or sizes_for(v, world)
+    layout = layout or _rank_order(sizes_for(v, world))
+    start, n_loc = layout[rank]
+    vocab_start = None if layout == _rank_order([sz for _, sz in layout]) else start
     z = full_logits(seed, (*batch, v), scale)
     g = torch.Generator().manual_seed(seed + 1)
     weight_full = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
@@ -229,18 +221,16 @@ def _ce_against_reference(
         # the target is the argmax in some rows: the loss there is tiny for scale 1000
         amax = z.argmax(-1)
         target.view(-1)[1::3] = amax.view(-1)[1::3]
-    start = sum(sizes[:rank]) if vocab_start is None else vocab_start
     for opts in CE_OPTIONS:
         kw = dict(opts)
         if kw.pop("weight", False):
             kw["weight"] = weight_full
-        zl = z.narrow(-1, start, sizes[rank]).clone().requires_grad_()
+        zl = z.narrow(-1, start, n_loc).clone().requires_grad_()
         zl_before = zl.detach().clone()
-        tl = target.narrow(-1, start, sizes[rank]).clone() if probs else target
-        loss, counts = count_comms(
-            lambda: sd.cross_entropy(zl, tl, group=group, vocab_start=vocab_start, **kw)
-        )
-        expect(n_allreduce(counts) <= 2, counts)
+        tl = target.narrow(-1, start, n_loc).clone() if probs else target
+        with comms() as counts:
+            loss = sd.cross_entropy(zl, tl, group=group, vocab_start=vocab_start, **kw)
+        expect(n_allreduce(counts) == 2 and n_allgather(counts) == 1, counts)
         zr = z.clone().requires_grad_()
         ref = reference_ce(zr, target, **kw)
         # loss: within 4 ulp of the scale of its terms (reduced like the loss)
@@ -258,10 +248,11 @@ def _ce_against_reference(
         torch.distributed.all_gather(losses, loss.detach(), group=group)
         expect(all(torch.equal(o, loss.detach()) for o in losses), ("loss differs", losses))
         # backward: no communication for class indices; probability targets: none either
-        _, bcounts = count_comms(lambda: loss.sum().backward())
+        with comms() as bcounts:
+            loss.sum().backward()
         expect(sum(bcounts.values()) == 0, ("backward communicates", bcounts))
         ref.sum().backward()
-        gref = zr.grad.narrow(-1, start, sizes[rank])
+        gref = zr.grad.narrow(-1, start, n_loc)
         # gradient a_n σ − t: within 4 ulp of the row's terms (the reference's own rounding)
         gscale = grad_row_scale(z, target, kw, probs).unsqueeze(-1).expand_as(gref) + 1e-300
         check_ulps(f"grad {opts}", zl.grad, gref, gscale)
@@ -290,12 +281,339 @@ for _n in (1, 2, 3, 4):
             _ce_against_reference(group, rank, world, v=10, probs=True, scale=1.0, seed=20 + n)
             _ce_against_reference(group, rank, world, v=10, probs=True, scale=1000.0, seed=30 + n)
 
+        def family(group, rank, world):
+            _softmax_family(group, rank, world, v=11, scale=1.0, seed=90 + n)
+            _softmax_family(group, rank, world, v=11, scale=1000.0, seed=95 + n)
+
+        family.__name__ = f"softmax_vjp_w{n}"
+        case(n)(family)
         ce_index.__name__ = f"ce_index_w{n}"
         ce_probs.__name__ = f"ce_probs_w{n}"
         case(n)(ce_index)
         case(n)(ce_probs)
 
     _make(_n)
+
+
+def _softmax_family(group, rank, world, *, v, scale, seed, layout=None):
+    """softmax / log_softmax (values and backward) and vjp on a 3-D input with the classes at
+    dim 1, against the single-device functions on the full tensor."""
+    import softjac
+    import softjac.distributed as sd
+
+    layout = layout or _rank_order(sizes_for(v, world))
+    start, n = layout[rank]
+    vs = None if layout == _rank_order([sz for _, sz in layout]) else start
+    z = full_logits(seed, (2, v, 3), scale)
+    g = torch.Generator().manual_seed(seed + 7)
+    cot = torch.randn((2, v, 3), generator=g, dtype=torch.float64)
+    zl = z.narrow(1, start, n).clone().requires_grad_()
+    gl = cot.narrow(1, start, n)
+    # softmax: entries within 4 ulp of themselves
+    with comms() as c_f:
+        p = sd.softmax(zl, dim=1, group=group, vocab_start=vs)
+    expect(n_allreduce(c_f) == 2 and n_allgather(c_f) == 1, ("softmax forward", c_f))
+    zr = z.clone().requires_grad_()
+    pr = softjac.softmax(zr, dim=1)
+    check_ulps(
+        "softmax", p.detach(), pr.detach().narrow(1, start, n), pr.detach().narrow(1, start, n)
+    )
+    with comms() as c_b:
+        p.backward(gl)
+    expect(n_allreduce(c_b) == 1 and len(c_b) == 1, ("softmax backward", c_b))
+    pr.backward(cot)
+    sig = pr.detach()
+    check_ulps(
+        "softmax grad",
+        zl.grad,
+        zr.grad.narrow(1, start, n),
+        _vjp_scale(sig, cot).narrow(1, start, n),
+    )
+    # log_softmax: the reference on the shifted logits; scale |z − m| + log S
+    zl.grad = None
+    lp = sd.log_softmax(zl, dim=1, group=group, vocab_start=vs)
+    zs = z - z.amax(1, keepdim=True)
+    zr = zs.clone().requires_grad_()
+    lr = torch.log_softmax(zr, dim=1)
+    # the reference's log(fl(S)), S >= 1, is off by up to eps in absolute terms: the "+ 1"
+    lscale = zs.abs() + torch.logsumexp(zs, 1, keepdim=True).abs() + 1
+    check_ulps(
+        "log_softmax", lp.detach(), lr.detach().narrow(1, start, n), lscale.narrow(1, start, n)
+    )
+    with comms() as c_b:
+        lp.backward(gl)
+    expect(n_allreduce(c_b) == 1 and len(c_b) == 1, ("log_softmax backward", c_b))
+    lr.backward(cot)
+    lgs = cot.abs() + sig * cot.abs().sum(1, keepdim=True)
+    check_ulps("log_softmax grad", zl.grad, zr.grad.narrow(1, start, n), lgs.narrow(1, start, n))
+    # vjp from logits: the argmax entry to 4 ulp of its own (small) scale
+    with comms() as c_v:
+        out = sd.vjp(zl.detach(), gl, dim=1, group=group, vocab_start=vs)
+    expect(n_allreduce(c_v) == 2 and n_allgather(c_v) == 1, ("vjp", c_v))
+    ref = softjac.vjp(z, cot, dim=1)
+    check_ulps("vjp", out, ref.narrow(1, start, n), _vjp_scale(sig, cot).narrow(1, start, n))
+
+
+def _rank_order(sizes):
+    return [(sum(sizes[:r]), sizes[r]) for r in range(len(sizes))]
+
+
+def _vjp_scale(sig, v, dim=1):
+    """``σ_i (|v_i| + Σ_j σ_j |v_j|)``, and for the argmax ``σ_{i*} Σ_{j≠i*} σ_j (|v_{i*}| +
+    |v_j|)`` (the size of the terms single-device ``softjac.vjp`` sums there)."""
+    av = v.abs()
+    gen = sig * (av + (sig * av).sum(dim, keepdim=True))
+    k = sig.argmax(dim, keepdim=True)
+    avk = av.gather(dim, k)
+    others = sig.scatter(dim, k, 0.0)
+    arg = sig.gather(dim, k) * (others * (avk + av)).sum(dim, keepdim=True)
+    return gen.scatter(dim, k, arg) + 1e-300
+
+
+def golden(group, rank, world):
+    """z = [37.42994775023705, 0] split over 2 ranks: J v for v = [1, 0] is ±σ₁σ₂, the
+    correctly rounded 5.551115123125775e-17 (single-device softjac.vjp's value); the CE
+    gradient for target 0 is [−σ₂, σ₂] and log σ₁ = −log1p(e^{−37.43…}), from mpmath."""
+    import mpmath as mp
+
+    import softjac
+    import softjac.distributed as sd
+
+    z = torch.tensor([[37.42994775023705, 0.0]], dtype=torch.float64)
+    v = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    out = sd.vjp(z[:, rank : rank + 1], v[:, rank : rank + 1], group=group)
+    single = softjac.vjp(z, v)[:, rank : rank + 1]
+    expect(single.abs().item() == 5.551115123125775e-17, single)
+    expect(torch.equal(out, single), (out, single))
+    with mp.workdps(50):
+        s2 = 1 / (1 + mp.exp(mp.mpf(37.42994775023705)))
+        logs1 = -mp.log1p(mp.exp(-mp.mpf(37.42994775023705)))
+    zl = z[:, rank : rank + 1].clone().requires_grad_()
+    sd.cross_entropy(zl, torch.tensor([0]), group=group).backward()
+    want = [-float(s2), float(s2)][rank]
+    expect(abs(zl.grad.item() - want) <= 2 * abs(want) * EPS64, (zl.grad.item(), want))
+    lp = sd.log_softmax(z[:, rank : rank + 1], group=group)
+    if rank == 0:
+        expect(abs(lp.item() - float(logs1)) <= 2 * abs(float(logs1)) * EPS64, (lp, logs1))
+
+
+case(2)(golden)
+
+
+def layouts(group, rank, world):
+    """Explicit ``vocab_start``: shards [8, 10), [3, 8), [0, 3) of V = 10 on ranks 0, 1, 2
+    (not in rank order, uneven)."""
+    layout = [(8, 2), (3, 5), (0, 3)]
+    _softmax_family(group, rank, world, v=10, scale=1.0, seed=41, layout=layout)
+    _ce_against_reference(group, rank, world, v=10, seed=42, layout=layout)
+
+
+case(3)(layouts)
+
+
+def noncontiguous_group(group, rank, world):
+    """A group of global ranks {1, 3}: ranks within the group, not the world, order the shards."""
+    _ce_against_reference(group, rank, world, v=9, seed=51)
+    _softmax_family(group, rank, world, v=9, scale=1.0, seed=52)
+
+
+case((1, 3))(noncontiguous_group)
+
+
+def low_precision(group, rank, world):
+    """float32 and bfloat16: within the single-device tolerances against float64 (loss relative
+    1e-6 / 2e-2, gradient absolute 1e-6 / 4e-3)."""
+    import softjac.distributed as sd
+
+    v = 11
+    sizes = sizes_for(v, world)
+    start, n_loc = sum(sizes[:rank]), sizes[rank]
+    z64 = full_logits(61, (16, v))
+    g = torch.Generator().manual_seed(62)
+    t = torch.randint(0, v, (16,), generator=g)
+    w = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    for dt, ltol, gtol in ((torch.float32, 1e-6, 1e-6), (torch.bfloat16, 2e-2, 4e-3)):
+        zq = z64.to(dt)
+        zl = zq[:, start : start + n_loc].clone().requires_grad_()
+        loss = sd.cross_entropy(zl, t, group=group, weight=w.to(dt), label_smoothing=0.1)
+        expect(loss.dtype == dt, loss.dtype)
+        loss.backward()
+        zr = zq.double().requires_grad_()
+        ref = reference_ce(zr, t, weight=w.to(dt).double(), label_smoothing=0.1)
+        ref.backward()
+        expect(abs(loss.double().item() - ref.item()) <= ltol * abs(ref.item()), (dt, loss, ref))
+        gerr = (zl.grad.double() - zr.grad[:, start : start + n_loc]).abs().max().item()
+        expect(gerr <= gtol, (dt, "grad", gerr))
+        p = sd.softmax(zq[:, start : start + n_loc], group=group)
+        perr = (p.double() - torch.softmax(zq.double(), -1)[:, start : start + n_loc]).abs().max()
+        expect(
+            p.dtype == dt and perr.item() <= {torch.float32: 2e-6, torch.bfloat16: 2e-2}[dt],
+            (dt, perr),
+        )
+
+
+case(3)(low_precision)
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def bad_input(group, rank, world):
+    """Inconsistent input on some ranks: every rank raises the same error (the harness checks
+    the returned messages agree), nobody hangs, and the group still works afterwards."""
+    import softjac.distributed as sd
+
+    v = 10
+    sizes = sizes_for(v, world)
+    n = sizes[rank]
+    z = full_logits(71, (4, v))[:, sum(sizes[:rank]) : sum(sizes[:rank]) + n]
+    t = torch.tensor([0, 3, 9, 5])
+    msgs = {}
+    rows = 4 if rank != 1 else 5
+    msgs["batch"] = _error_of(lambda: sd.softmax(torch.zeros(rows, n), group=group))
+    t_bad = t if rank != 2 else t[:3]
+    msgs["target_shape"] = _error_of(lambda: sd.cross_entropy(z, t_bad, group=group))
+    t_diff = t if rank != 3 else torch.tensor([1, 3, 9, 5])
+    msgs["target_differs"] = _error_of(lambda: sd.cross_entropy(z, t_diff, group=group))
+    msgs["target_range"] = _error_of(
+        lambda: sd.cross_entropy(z, torch.tensor([0, 3, 10, 5]), group=group)
+    )
+    zd = z if rank != 0 else z.float()
+    msgs["dtype"] = _error_of(lambda: sd.softmax(zd, group=group))
+    eps = 0.1 if rank != 1 else 0.2
+    msgs["options"] = _error_of(lambda: sd.cross_entropy(z, t, group=group, label_smoothing=eps))
+    msgs["weight"] = _error_of(
+        lambda: sd.cross_entropy(z, t, group=group, weight=torch.ones(v + 1, dtype=z.dtype))
+    )
+    msgs["vocab_start"] = _error_of(lambda: sd.softmax(z, group=group, vocab_start=0))
+    msgs["reduction"] = _error_of(
+        lambda: sd.cross_entropy(z, t, group=group, reduction="avg" if rank == 3 else "mean")
+    )
+    v_bad = torch.zeros_like(z) if rank != 0 else torch.zeros(4, n + 1, dtype=z.dtype)
+    msgs["vjp_v"] = _error_of(lambda: sd.vjp(z, v_bad, group=group))
+    for key, needle in (
+        ("batch", "shard shapes"),
+        ("target_shape", "class-index `target` must have the shape"),
+        ("target_differs", "same on every rank"),
+        ("target_range", "[0, 10)"),
+        ("dtype", "dtype"),
+        ("options", "options"),
+        ("weight", "(10,)"),
+        ("vocab_start", "tile"),
+        ("reduction", "`reduction`"),
+        ("vjp_v", "`v` must have the shape"),
+    ):
+        expect(msgs[key] is not None and needle in msgs[key], (key, msgs[key]))
+        expect(msgs[key] is None or msgs[key].count("`softjac.distributed.") == 1, (key, msgs[key]))
+    # the group still works
+    loss = sd.cross_entropy(z, t, group=group)
+    ref = reference_ce(full_logits(71, (4, v)), t)
+    expect(abs(loss.item() - ref.item()) <= 1e-14, (loss, ref))
+    return msgs
+
+
+case("world")(bad_input)
+
+
+def dtensor_meshes(group, rank, world):
+    """DTensor logits sharded on the classes: 1-D mesh of 4; 2-D mesh (2, 2) with the batch
+    replicated or sharded, the classes on either mesh dimension; results come back as
+    DTensors and equal the single-device values; 'mean' reduces over every mesh dimension."""
+    from torch.distributed.tensor import (
+        DTensor,
+        Partial,
+        Replicate,
+        Shard,
+        distribute_tensor,
+        init_device_mesh,
+    )
+
+    import softjac
+    import softjac.distributed as sd
+
+    mesh2 = init_device_mesh("cpu", (2, 2))
+    mesh1 = init_device_mesh("cpu", (4,))
+    v = 11
+    z = full_logits(81, (6, 5, v))
+    g = torch.Generator().manual_seed(82)
+    t = torch.randint(0, v, (6, 5), generator=g)
+    t[0, :2] = -100
+    w = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    setups = [
+        (mesh1, [Shard(2)], [Replicate()]),
+        (mesh2, [Replicate(), Shard(2)], [Replicate(), Replicate()]),
+        (mesh2, [Shard(0), Shard(2)], [Shard(0), Replicate()]),
+        (mesh2, [Shard(2), Shard(1)], [Replicate(), Shard(1)]),
+    ]
+    for mesh, pl, tpl in setups:
+        for kw in (
+            {"label_smoothing": 0.1, "weight": w},
+            {"reduction": "sum", "z_loss": 1e-3},
+            {"reduction": "none"},
+        ):
+            zd = distribute_tensor(z, mesh, pl).detach().requires_grad_()
+            td = distribute_tensor(t, mesh, tpl)
+            with comms() as counts:
+                loss = sd.cross_entropy(zd, td, **kw)
+            n_batch_dims = sum(isinstance(p, Shard) and p.dim != 2 for p in pl)
+            want = 2 + (n_batch_dims if kw.get("reduction", "mean") != "none" else 0)
+            expect(n_allreduce(counts) == want, (pl, kw, counts))
+            expect(isinstance(loss, DTensor), type(loss))
+            zr = z.clone().requires_grad_()
+            ref = reference_ce(zr, t, **kw)
+            full = loss.full_tensor()
+            rs = ce_row_scale(
+                z, t, kw.get("weight"), kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0)
+            )
+            red = kw.get("reduction", "mean")
+            sc = (
+                rs
+                if red == "none"
+                else rs.sum() / (_mean_den(t, kw, False) if red == "mean" else 1)
+            )
+            check_ulps(f"dtensor loss {pl} {kw}", full.detach(), ref.detach(), sc + 1e-300)
+            full.sum().backward() if red == "none" else loss.backward()
+            ref.sum().backward()
+            gs = grad_row_scale(z, t, kw, False).unsqueeze(-1).expand_as(z) + 1e-300
+            check_ulps(f"dtensor grad {pl} {kw}", zd.grad.full_tensor(), zr.grad, gs)
+        pd = sd.softmax(distribute_tensor(z, mesh, pl))
+        expect(isinstance(pd, DTensor) and tuple(pd.placements) == tuple(pl), pd.placements)
+        pf = torch.softmax(z, -1)
+        check_ulps(f"dtensor softmax {pl}", pd.full_tensor(), pf, pf)
+        cot = torch.randn(z.shape, generator=g, dtype=torch.float64)
+        vd = sd.vjp(distribute_tensor(z, mesh, pl), distribute_tensor(cot, mesh, pl))
+        check_ulps(
+            f"dtensor vjp {pl}", vd.full_tensor(), softjac.vjp(z, cot), _vjp_scale(pf, cot, -1)
+        )
+    msgs = {}
+    for pl in (
+        [Replicate(), Replicate()],
+        [Shard(0), Replicate()],
+        [Shard(2), Shard(2)],
+        [Partial(), Shard(2)],
+    ):
+        bad = (
+            DTensor.from_local(z, mesh2, pl, run_check=False)
+            if isinstance(pl[0], Partial)
+            else distribute_tensor(z, mesh2, pl)
+        )
+        msgs[str(pl)] = _error_of(lambda bad=bad: sd.cross_entropy(bad, t))
+        expect(msgs[str(pl)] is not None and "placement" in msgs[str(pl)], (pl, msgs[str(pl)]))
+    # a target of the wrong local shape on one rank only: all ranks of the mesh raise
+    zd = distribute_tensor(z, mesh2, [Shard(0), Shard(2)])
+    tloc = t[:3] if rank < 2 else t[3:]
+    tbad = tloc if rank != 3 else tloc[:, :4]
+    msgs["local target"] = _error_of(lambda: sd.cross_entropy(zd, tbad))
+    expect(msgs["local target"] is not None, msgs)
+    return msgs
+
+
+case("world")(dtensor_meshes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -391,3 +709,35 @@ def test_case(outcomes, name):
     notes = [o["note"] for o in got.values()]
     # a case that returns a note (an error message, a value) must return the same on every rank
     assert all(x == notes[0] for x in notes), notes
+
+
+# ----------------------------------------------------------------------------------------
+# single-process checks (no process group)
+
+
+def test_uninitialised_group_is_a_clear_error():
+    import torch.distributed as dist
+
+    import softjac.distributed as sd
+
+    assert not dist.is_initialized()
+    z = torch.randn(2, 3)
+    for call in (
+        lambda: sd.softmax(z),
+        lambda: sd.log_softmax(z),
+        lambda: sd.vjp(z, z),
+        lambda: sd.cross_entropy(z, torch.tensor([0, 1])),
+    ):
+        with pytest.raises(
+            RuntimeError,
+            match=r"`softjac\.distributed\.\w+`: the default process group is not initialised",
+        ):
+            call()
+
+
+def test_import_softjac_does_not_import_distributed():
+    code = "import sys, softjac; print('softjac.distributed' in sys.modules)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

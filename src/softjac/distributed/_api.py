@@ -387,7 +387,9 @@ def _wrap_rows(st: _Setup, rows: torch.Tensor) -> torch.Tensor:
 
     mesh, placements, cdim, _, x = st.dt
     pl = [Replicate() if i == cdim else p for i, p in enumerate(placements)]
-    return DTensor.from_local(rows, mesh, pl, shape=x.shape[:-1])
+    shape = x.shape[:-1]
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(rows, mesh, pl, shape=shape, stride=stride)
 
 
 def _wrap_scalar(st: _Setup, loss: torch.Tensor) -> torch.Tensor:
@@ -396,4 +398,6 @@ def _wrap_scalar(st: _Setup, loss: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, Replicate
 
     mesh = st.dt[0]
-    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, shape=torch.Size(()))
+    return DTensor.from_local(
+        loss, mesh, [Replicate()] * mesh.ndim, shape=torch.Size(()), stride=()
+    )

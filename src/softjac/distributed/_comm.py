@@ -141,10 +141,8 @@ def agree(
         [torch.tensor(head, dtype=torch.int64), _target_stats(target, target_kind, ignore_index)]
     )
     table = _all_gather_rows(info, group, world)
-    message = (
-        None if local_error is not None else _check_table(fn, table, target_kind, ignore_index)
-    )
-    status = int(table[:, 0].max()) if local_error is None else 1
+    status = int(table[:, 0].max())  # some rank's own checks failed: its error wins
+    message = None if status else _check_table(fn, table, target_kind, ignore_index)
     flag = 1 if (status or message is not None) else 0
     for g in extra_groups:  # spread "something failed" to the whole mesh
         flags = _all_gather_rows(torch.tensor([flag], dtype=torch.int64), g, dist.get_world_size(g))
@@ -242,7 +240,8 @@ def _raise_everywhere(fn, group, extra_groups, local_error, message):
     table's message."""
     payload = None
     if local_error is not None:
-        payload = (type(local_error).__name__, str(local_error))
+        where = f" (on rank {dist.get_rank(group)} of the group)"
+        payload = (type(local_error).__name__, str(local_error) + where)
     elif message is not None:
         payload = ("ValueError", message)
     for g in (group, *extra_groups):
