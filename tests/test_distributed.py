@@ -103,7 +103,7 @@ def ce_row_scale(z, target, weight, eps, zl):
     valid = target != -100
     tg = torch.where(valid, target, 0)
     s = (1 - eps) * w[tg] * mag.gather(-1, tg.unsqueeze(-1)).squeeze(-1)
-    s = s + eps / v * (w * mag).sum(-1) + zl * full_lse * full_lse
+    s = s + eps / v * (w * mag).sum(-1) + zl * w[tg] * full_lse * full_lse
     return torch.where(valid, s, torch.zeros_like(s))
 
 
@@ -123,7 +123,7 @@ def grad_row_scale(z, target, kw, probs):
     else:
         valid = target != -100
         wy = torch.where(valid, w[torch.where(valid, target, 0)], 0)
-        a = ((1 - eps) * wy + eps / v * w.sum() + 2 * zl * lse) * valid
+        a = ((1 - eps) * wy + eps / v * w.sum() + 2 * zl * wy * lse) * valid
         t = ((1 - eps) * wy + eps / v * w.amax()) * valid
     red = kw.get("reduction", "mean")
     s = 1.0 / _mean_den(target, kw, probs) if red == "mean" else 1.0
@@ -155,7 +155,7 @@ def reference_ce(
     z, target, *, weight=None, label_smoothing=0.0, reduction="mean", z_loss=0.0, ignore_index=-100
 ):
     """Single-device ``softjac.cross_entropy`` on the gathered logits (classes last), plus the
-    z-loss term ``ζ lse²`` (0 on ignored rows; divided like the loss under 'mean')."""
+    z-loss term ``ζ w[y_n] lse²`` (0 on ignored rows; divided like the loss under 'mean')."""
     import softjac
 
     v = z.shape[-1]
@@ -174,8 +174,10 @@ def reference_ce(
     if z_loss:
         lse = m.reshape(-1) + torch.logsumexp(z2, -1)
         zt = z_loss * lse * lse
-        if not probs:
-            zt = torch.where(t2 != ignore_index, zt, torch.zeros_like(zt))
+        if not probs:  # weighted like the row: w[y_n] ζ lse², 0 on ignored rows
+            valid = t2 != ignore_index
+            w = torch.ones(v, dtype=z.dtype) if weight is None else weight
+            zt = torch.where(valid, zt * w[torch.where(valid, t2, 0)], torch.zeros_like(zt))
         rows = rows + zt
     if reduction == "none":
         return rows.reshape(z.shape[:-1])
@@ -199,6 +201,7 @@ CE_OPTIONS = [
     {"reduction": "sum", "label_smoothing": 0.1},
     {"reduction": "none", "weight": True, "z_loss": 1e-3},
     {"z_loss": 1e-2, "label_smoothing": 0.05},
+    {"z_loss": 1e-2, "weight": True, "label_smoothing": 0.1},
 ]
 
 

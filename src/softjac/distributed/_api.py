@@ -219,10 +219,11 @@ def cross_entropy(
     ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/V) Σ_c w_c (lse_n − z_{n,c})`` for class
     indices (0 when ``y_n == ignore_index``; ``V`` the *global* vocabulary, so label smoothing
     is exact at any world size) and ``Σ_c w_c y'_{n,c} (lse_n − z_{n,c})`` with
-    ``y' = (1 − ε) y + ε/V`` for probability targets; plus ``ζ lse_n²`` (``ζ = z_loss``, not
-    class-weighted, 0 on ignored rows). ``'mean'`` divides by ``Σ_n w[y_n]`` over the
-    non-ignored rows (class indices) or by the number of rows (probabilities); the z-loss term
-    is divided by the same number.
+    ``y' = (1 − ε) y + ε/V`` for probability targets; plus the z-loss ``ζ r_n lse_n²``
+    (``ζ = z_loss``; ``r_n = w[y_n]``, 0 on ignored rows, 1 for probability targets — the row's
+    weight in the mean, as in ``softjac.linear_cross_entropy``). ``'mean'`` divides by
+    ``Σ_n r_n``: ``Σ_n w[y_n]`` over the non-ignored rows (class indices) or the number of rows
+    (probabilities).
 
     Communication: one all-gather of a few integers per rank (shapes, options, the target's
     range and a checksum: every rank raises the same error on bad input, never hangs), then

@@ -162,7 +162,7 @@ class CrossEntropyShard(torch.autograd.Function):
     """Per-row cross-entropy losses ``(M,)`` of a vocabulary-sharded row block.
 
     Class indices: ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/V) Σ_c w_c (lse_n − z_{n,c})
-    + ζ lse_n²`` (0 for ignored rows). Probabilities: ``loss_n = Σ_c w_c y'_{n,c}
+    + ζ w[y_n] lse_n²`` (0 for ignored rows). Probabilities: ``loss_n = Σ_c w_c y'_{n,c}
     (lse_n − z_{n,c}) + ζ lse_n²`` with ``y' = (1 − ε) y + ε/V``. ``lse − z`` is formed as
     ``(m − z) + log1p(r)``, so errors follow the row's spread, not ``|lse|``. Forward: two
     all-reduces (max; one sum of 4 or 5 columns: ``S_excl``, ``c``, the target's ``m − z_y``
@@ -174,105 +174,138 @@ class CrossEntropyShard(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, y, target, w_full, group, start, total, eps, ignore_index, zl):
+        spec = CESpec(w_full, start, z.shape[-1], total, eps, ignore_index, zl, z.dtype)
         with torch.no_grad():
             m = row_max(z, group)
-            _, has, k, ms, s_excl = exp_parts(z, m)
-            n_loc = z.shape[-1]
-            w_loc = None if w_full is None else w_full[start : start + n_loc].to(z.dtype)
-            shifted = ms.unsqueeze(-1) - z  # m − z ≥ 0
-            hasf = has.to(z.dtype)
-            if target is not None:
-                valid = target != ignore_index
-                tg = torch.where(valid, target, torch.zeros_like(target))
-                mine = valid & (tg >= start) & (tg < start + n_loc)
-                tl = torch.where(mine, tg - start, torch.zeros_like(tg)).unsqueeze(-1)
-                d_y = torch.where(mine, shifted.gather(-1, tl).squeeze(-1), torch.zeros_like(m))
-                if eps > 0:
-                    sm = (shifted if w_loc is None else shifted * w_loc).sum(-1)
-                else:
-                    sm = torch.zeros_like(m)
-                red = torch.stack([s_excl, hasf, d_y, sm], dim=-1)
-            else:
-                wy = (1.0 - eps) * y.to(z.dtype) + eps / total
-                if w_loc is not None:
-                    wy = wy * w_loc
-                wy_k = torch.where(has, wy.gather(-1, k).squeeze(-1), torch.zeros_like(m))
-                wy_x = torch.where(has, wy.scatter(-1, k, 0.0).sum(-1), wy.sum(-1))
-                red = torch.stack([s_excl, hasf, wy_x, wy_k, (wy * shifted).sum(-1)], -1)
+            red, state = spec.partials(z, m, y, target)
             _comm.all_reduce_sum(red, group)
-            s_ex, c = red[:, 0], red[:, 1]
-            r, _, logs = sum_parts(s_ex, c)
-            lse = ms + logs
-            owner = has & (c > 0.5) & (c < 1.5)
-            if target is not None:
-                d_y, sm = red[:, 2], red[:, 3]
-                vf = valid.to(z.dtype)
-                if w_full is None:
-                    w_y = vf
-                    w_sum = torch.tensor(float(total), dtype=z.dtype, device=z.device)
-                else:
-                    wf = w_full.to(z.dtype)
-                    w_y = torch.where(valid, wf[tg], torch.zeros_like(m))
-                    w_sum = wf.sum()
-                rows = (1.0 - eps) * w_y * (d_y + logs)
-                if eps > 0:
-                    rows = rows + (eps / total) * (sm + w_sum * logs) * vf
-                a_z = 2.0 * zl * lse * vf
-                if zl > 0:
-                    rows = rows + zl * lse * lse * vf
-                ctx.save_for_backward(
-                    z, ms, logs, r, a_z, w_y, w_sum, tl.squeeze(-1), mine, valid, w_loc, owner, k
-                )
-            else:
-                wy_x, wy_own, d_w = red[:, 2], red[:, 3], red[:, 4]
-                wy_sum = wy_x + wy_own
-                rows = d_w + wy_sum * logs
-                a_z = 2.0 * zl * lse
-                if zl > 0:
-                    rows = rows + zl * lse * lse
-                ctx.save_for_backward(z, ms, logs, r, a_z, wy_x, wy_sum, y, w_loc, owner, k)
-        ctx.index = target is not None
-        ctx.eps, ctx.total = eps, total
+            rows, state = spec.finish(red, state)
+        ctx.spec = spec
+        names = sorted(state)
+        ctx.names = names
+        ctx.save_for_backward(z, y, *[state[n] for n in names])
         return rows
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        eps, total = ctx.eps, ctx.total
-        nones = (None,) * 8
-        if ctx.index:
-            z, ms, logs, r, a_z, w_y, w_sum, tl, mine, valid, w_loc, owner, k = ctx.saved_tensors
-            g = g.to(z.dtype)
-            vf = valid.to(z.dtype)
-            a_ce = (1.0 - eps) * w_y + (eps / total) * w_sum * vf
-            a = a_ce + a_z
-            out = _probs(z, ms, logs) * a.unsqueeze(-1)
+        z, y, *vals = ctx.saved_tensors
+        state = dict(zip(ctx.names, vals, strict=True))
+        spec = ctx.spec
+        gz = spec.grad_logits(z, y, state) * g.to(z.dtype).unsqueeze(-1)
+        gy = None
+        if ctx.needs_input_grad[1]:
+            gy = (spec.grad_probs_target(z, state) * g.to(z.dtype).unsqueeze(-1)).to(y.dtype)
+        return gz, gy, *(None,) * 8
+
+
+class CESpec:
+    """The options of one cross-entropy call on a shard, and its three steps: per-row partial
+    sums given the global maxima (:meth:`partials`), the losses from the all-reduced sums
+    (:meth:`finish`), and the gradient with respect to the shard's logits
+    (:meth:`grad_logits`) from per-row state only. Rows are independent, so the fused
+    linear + cross-entropy calls the same steps on chunks of rows."""
+
+    def __init__(self, w_full, start, n_loc, total, eps, ignore_index, zl, dtype):
+        self.w_full = None if w_full is None else w_full.to(dtype)
+        self.w_loc = None if w_full is None else self.w_full[start : start + n_loc]
+        self.start, self.n_loc, self.total = start, n_loc, total
+        self.eps, self.ignore_index, self.zl = eps, ignore_index, zl
+
+    def _wy(self, y, dtype):
+        wy = (1.0 - self.eps) * y.to(dtype) + self.eps / self.total
+        return wy if self.w_loc is None else wy * self.w_loc
+
+    def partials(self, z, m, y, target):
+        """``(red, state)``: the columns to all-reduce ``(M, 4 or 5)`` and per-row state."""
+        eps, start, n_loc = self.eps, self.start, self.n_loc
+        _, has, k, ms, s_excl = exp_parts(z, m)
+        shifted = ms.unsqueeze(-1) - z  # m − z ≥ 0
+        state = {"has": has, "k": k, "ms": ms}
+        if target is not None:
+            valid = target != self.ignore_index
+            tg = torch.where(valid, target, torch.zeros_like(target))
+            mine = valid & (tg >= start) & (tg < start + n_loc)
+            tl = torch.where(mine, tg - start, torch.zeros_like(tg)).unsqueeze(-1)
+            d_y = torch.where(mine, shifted.gather(-1, tl).squeeze(-1), torch.zeros_like(ms))
+            if eps > 0:
+                sm = (shifted if self.w_loc is None else shifted * self.w_loc).sum(-1)
+            else:
+                sm = torch.zeros_like(ms)
+            red = torch.stack([s_excl, has.to(z.dtype), d_y, sm], dim=-1)
+            state.update(valid=valid, tg=tg, mine=mine, tl=tl.squeeze(-1))
+        else:
+            wy = self._wy(y, z.dtype)
+            wy_k = torch.where(has, wy.gather(-1, k).squeeze(-1), torch.zeros_like(ms))
+            wy_x = torch.where(has, wy.scatter(-1, k, 0.0).sum(-1), wy.sum(-1))
+            red = torch.stack([s_excl, has.to(z.dtype), wy_x, wy_k, (wy * shifted).sum(-1)], -1)
+        return red, state
+
+    def finish(self, red, state):
+        """Row losses ``(M,)`` from the all-reduced columns; adds what the gradient needs to
+        ``state`` (``logs``, ``r``, ``a_z``, the owner mask, the weights)."""
+        eps, total, zl = self.eps, self.total, self.zl
+        s_ex, c = red[:, 0], red[:, 1]
+        r, _, logs = sum_parts(s_ex, c)
+        ms = state["ms"]
+        lse = ms + logs
+        state.update(logs=logs, r=r, owner=state["has"] & (c > 0.5) & (c < 1.5))
+        if "valid" in state:
+            valid, tg = state["valid"], state["tg"]
+            d_y, sm = red[:, 2], red[:, 3]
+            vf = valid.to(ms.dtype)
+            if self.w_full is None:
+                w_y = vf
+                w_sum = torch.full_like(ms, float(total))
+            else:
+                w_y = torch.where(valid, self.w_full[tg], torch.zeros_like(ms))
+                w_sum = self.w_full.sum().expand_as(ms)
+            rows = (1.0 - eps) * w_y * (d_y + logs)
+            if eps > 0:
+                rows = rows + (eps / total) * (sm + w_sum * logs) * vf
+            a_z = 2.0 * zl * lse * w_y  # the z-loss weighted like the row: ζ w[y_n] lse²
+            if zl > 0:
+                rows = rows + zl * lse * lse * w_y
+            state.update(a_z=a_z, w_y=w_y, w_sum=w_sum)
+        else:
+            wy_x, wy_own, d_w = red[:, 2], red[:, 3], red[:, 4]
+            wy_sum = wy_x + wy_own
+            rows = d_w + wy_sum * logs
+            a_z = 2.0 * zl * lse
+            if zl > 0:
+                rows = rows + zl * lse * lse
+            state.update(a_z=a_z, wy_x=wy_x, wy_sum=wy_sum)
+        return rows, state
+
+    def grad_logits(self, z, y, st):
+        """``∂loss_n/∂z`` on the shard (rows of ``st`` matching ``z``); no communication."""
+        eps, total = self.eps, self.total
+        k, r, owner, a_z = st["k"], st["r"], st["owner"], st["a_z"]
+        p = _probs(z, st["ms"], st["logs"])
+        if "valid" in st:
+            w_y, w_sum, tl, mine = st["w_y"], st["w_sum"], st["tl"], st["mine"]
+            vf = st["valid"].to(z.dtype)
+            a = (1.0 - eps) * w_y + (eps / total) * w_sum * vf + a_z
+            out = p * a.unsqueeze(-1)
             out = out.scatter_add(-1, tl.unsqueeze(-1), (-(1.0 - eps) * w_y * mine).unsqueeze(-1))
             if eps > 0:
                 sm = (eps / total) * vf.unsqueeze(-1)
-                out = out - (sm if w_loc is None else sm * w_loc)
+                out = out - (sm if self.w_loc is None else sm * self.w_loc)
             # the argmax entry: a σ_k − t_k = (a − t_k) − a r/S, with a − t_k from its parts
-            w_k = torch.ones_like(r) if w_loc is None else w_loc[k.squeeze(-1)]
+            w_k = torch.ones_like(r) if self.w_loc is None else self.w_loc[k.squeeze(-1)]
             hit_k = mine & (tl == k.squeeze(-1))
             a_minus_t = (1.0 - eps) * w_y * (~hit_k) + (eps / total) * (w_sum - w_k) * vf + a_z
-            g_k = a_minus_t - a * (r / (1 + r))
-            out = _set_entry(out, owner, k, g_k)
-            return out * g.unsqueeze(-1), *nones, None, None
-        z, ms, logs, r, a_z, wy_x, wy_sum, y, w_loc, owner, k = ctx.saved_tensors
-        g = g.to(z.dtype)
-        wy = (1.0 - eps) * y.to(z.dtype) + eps / total
-        if w_loc is not None:
-            wy = wy * w_loc
-        a = wy_sum + a_z
-        gz = _probs(z, ms, logs) * a.unsqueeze(-1) - wy
-        gz = _set_entry(gz, owner, k, (wy_x + a_z) - a * (r / (1 + r)))
-        gz = gz * g.unsqueeze(-1)
-        gy = None
-        if ctx.needs_input_grad[1]:
-            w = (1.0 - eps) if w_loc is None else (1.0 - eps) * w_loc
-            lse_z = logs.unsqueeze(-1) - (z - ms.unsqueeze(-1))  # lse − z, from the spread
-            gy = (w * lse_z * g.unsqueeze(-1)).to(y.dtype)
-        return gz, gy, *nones
+            return _set_entry(out, owner, k, a_minus_t - a * (r / (1 + r)))
+        wy = self._wy(y, z.dtype)
+        a = st["wy_sum"] + a_z
+        out = p * a.unsqueeze(-1) - wy
+        return _set_entry(out, owner, k, (st["wy_x"] + a_z) - a * (r / (1 + r)))
+
+    def grad_probs_target(self, z, st):
+        """``∂loss_n/∂y = (1 − ε) w ⊙ (lse_n − z_n)`` (probability targets)."""
+        w = (1.0 - self.eps) if self.w_loc is None else (1.0 - self.eps) * self.w_loc
+        lse_z = st["logs"].unsqueeze(-1) - (z - st["ms"].unsqueeze(-1))  # from the spread
+        return w * lse_z
 
 
 def _set_entry(x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, value: torch.Tensor):
