@@ -288,6 +288,13 @@ for _n in (1, 2, 3, 4):
             _softmax_family(group, rank, world, v=11, scale=1.0, seed=90 + n)
             _softmax_family(group, rank, world, v=11, scale=1000.0, seed=95 + n)
 
+        def linear(group, rank, world):
+            _linear_ce(group, rank, world, seed=100 + n)
+            if n == 2:
+                _linear_ce(group, rank, world, seed=110, dtype=torch.float32)
+
+        linear.__name__ = f"linear_ce_w{n}"
+        case(n)(linear)
         family.__name__ = f"softmax_vjp_w{n}"
         case(n)(family)
         ce_index.__name__ = f"ce_index_w{n}"
@@ -617,6 +624,58 @@ def dtensor_meshes(group, rank, world):
 
 
 case("world")(dtensor_meshes)
+
+
+def _linear_ce(group, rank, world, *, v=11, d=5, batch=(3, 3), seed=0, dtype=torch.float64):
+    """The sharded fused loss against ``reference_ce(F.linear(x, W, b), ...)`` on the full
+    classifier: loss, input gradient (full, on every rank) and this rank's weight/bias block."""
+    import torch.nn.functional as F
+
+    import softjac.distributed as sd
+
+    sizes = sizes_for(v, world)
+    start, n_loc = sum(sizes[:rank]), sizes[rank]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((*batch, d), generator=g, dtype=torch.float64)
+    w_full = torch.randn(v, d, generator=g, dtype=torch.float64)
+    b_full = torch.randn(v, generator=g, dtype=torch.float64)
+    cw = torch.rand(v, generator=g, dtype=torch.float64) + 0.5
+    t = torch.randint(0, v, batch, generator=g)
+    t.view(-1)[::4] = -100
+    yp = torch.softmax(torch.randn((*batch, v), generator=g, dtype=torch.float64), -1)
+    for probs, opts in [(False, o) for o in CE_OPTIONS] + [
+        (True, CE_OPTIONS[3]),
+        (True, CE_OPTIONS[5]),
+    ]:
+        kw = dict(opts)
+        if kw.pop("weight", False):
+            kw["weight"] = cw
+        xl = x.to(dtype).clone().requires_grad_()
+        wl = w_full[start : start + n_loc].to(dtype).clone().requires_grad_()
+        bl = b_full[start : start + n_loc].to(dtype).clone().requires_grad_()
+        tl = yp[..., start : start + n_loc].to(dtype) if probs else t
+        with comms() as counts:
+            loss = sd.linear_cross_entropy(
+                xl, wl, tl, group=group, linear_bias=bl, chunk_size=4, **kw
+            )
+        expect(n_allreduce(counts) == 2 and n_allgather(counts) == 1, ("linear forward", counts))
+        with comms() as bcounts:
+            loss.sum().backward()
+        expect(n_allreduce(bcounts) == 1 and len(bcounts) == 1, ("linear backward", bcounts))
+        xr, wr, br = (a.clone().requires_grad_() for a in (x, w_full, b_full))
+        ref = reference_ce(F.linear(xr, wr, br), yp if probs else t, **kw)
+        ref.sum().backward()
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+
+        pairs = {
+            "loss": (loss.detach(), ref.detach()),
+            "dx": (xl.grad, xr.grad),
+            "dW": (wl.grad, wr.grad[start : start + n_loc]),
+            "db": (bl.grad, br.grad[start : start + n_loc]),
+        }
+        for name, (a, b) in pairs.items():
+            err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+            expect(err <= tol * (1 + b.abs().max().item()), (name, opts, probs, err))
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ all-reduces forward and none in the backward of class-index targets.
 Not imported by ``import softjac``: ``import softjac.distributed``.
 """
 
-from softjac.distributed._api import cross_entropy, log_softmax, softmax, vjp
+from softjac.distributed._api import (
+    cross_entropy,
+    linear_cross_entropy,
+    log_softmax,
+    softmax,
+    vjp,
+)
 
-__all__ = ["softmax", "log_softmax", "vjp", "cross_entropy"]
+__all__ = ["softmax", "log_softmax", "vjp", "cross_entropy", "linear_cross_entropy"]
