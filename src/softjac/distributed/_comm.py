@@ -37,9 +37,6 @@ __all__ = [
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 _MAX_DIMS = 6  # logits dims carried in the agreement vector (more: a checksum of the rest)
-# Layout of the agreement vector (int64): status, ndim, dims[_MAX_DIMS], dims-crc, dtype,
-# target kind, vocab_start, options crc, target min, target max, target checksum.
-_N_INFO = 2 + _MAX_DIMS + 9
 
 
 def resolve_group(fn: str, group):
@@ -112,7 +109,7 @@ def agree(
     options: tuple = (),
     extra_groups: tuple = (),
 ) -> Shards:
-    """The agreement collective: one all-gather of ``_N_INFO`` integers per rank over
+    """The agreement collective: one all-gather of 16 integers per rank over
     ``group`` (and one more over each of ``extra_groups``, which only spreads the verdict — a
     2-D mesh needs its row group then its column group for an error anywhere to reach every
     rank).
