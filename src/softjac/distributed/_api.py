@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from softjac import _core
 from softjac._checks import as_float_dtype, check_dim, check_tensor, fmt_shape
@@ -24,6 +26,11 @@ def _is_dtensor(x) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return isinstance(x, DTensor)
+
+
+def _local(x: Any) -> Any:
+    """A DTensor's local shard, anything else as it is."""
+    return x.to_local() if _is_dtensor(x) else x
 
 
 class _Setup:
@@ -90,7 +97,13 @@ class _Setup:
         return DTensor.from_local(out, mesh, placements, shape=x.shape, stride=x.stride())
 
 
-def softmax(logits: torch.Tensor, dim: int = -1, *, group=None, vocab_start: int | None = None):
+def softmax(
+    logits: torch.Tensor,
+    dim: int = -1,
+    *,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+) -> torch.Tensor:
     """Softmax over a class dimension sharded across the ranks of ``group``.
 
     Each rank passes its contiguous shard ``logits[..., V_r, ...]`` of the classes (shards in
@@ -116,7 +129,13 @@ def softmax(logits: torch.Tensor, dim: int = -1, *, group=None, vocab_start: int
     return _elementwise(fn, logits, dim, group, vocab_start, _ops.SoftmaxShard)
 
 
-def log_softmax(logits: torch.Tensor, dim: int = -1, *, group=None, vocab_start: int | None = None):
+def log_softmax(
+    logits: torch.Tensor,
+    dim: int = -1,
+    *,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+) -> torch.Tensor:
     """Log-softmax over a sharded class dimension: ``z − m − log1p(r)`` with ``m`` the global
     maximum and ``r = Σ_{j≠i*} exp(z_j − m)`` (so ``log σ_{i*}`` keeps its accuracy when
     ``σ_{i*} ≈ 1``). Same arguments, communication and cost as :func:`softmax`; the backward
@@ -148,7 +167,7 @@ def vjp(
     v: torch.Tensor,
     dim: int = -1,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
 ) -> torch.Tensor:
     """``J v = σ ⊙ (v − ⟨σ, v⟩)`` with ``J = diag(σ) − σσᵀ`` over a sharded class dimension.
@@ -164,7 +183,7 @@ def vjp(
     """
     fn = "softjac.distributed.vjp"
     st = _Setup(fn, logits, dim, group, vocab_start)
-    vl = v.to_local() if _is_dtensor(v) else v
+    vl = _local(v)
     if st.error is None:
         try:
             check_tensor(fn, "v", vl)
@@ -204,7 +223,7 @@ def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -255,8 +274,8 @@ def cross_entropy(
     """
     fn = "softjac.distributed.cross_entropy"
     st = _Setup(fn, logits, -1, group, vocab_start)
-    tl = target.to_local() if _is_dtensor(target) else target
-    wl = weight.full_tensor() if _is_dtensor(weight) else weight
+    tl = _local(target)
+    wl = weight.full_tensor() if _is_dtensor(weight) else weight  # type: ignore[union-attr]
     kind = 0
     eps = 0.0
     zl = 0.0
@@ -418,7 +437,7 @@ def linear_cross_entropy(
     linear_weight: torch.Tensor,
     target: torch.Tensor,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     linear_bias: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
