@@ -520,6 +520,11 @@ def bad_input(group, rank, world):
     ):
         expect(msgs[key] is not None and needle in msgs[key], (key, msgs[key]))
         expect(msgs[key] is None or msgs[key].count("`softjac.distributed.") == 1, (key, msgs[key]))
+    # every row ignored: 'mean' is 0/0 = NaN on every rank, the gradient exactly 0 (as PyTorch)
+    zg = z.clone().requires_grad_()
+    nan_loss = sd.cross_entropy(zg, torch.full((4,), -100), group=group)
+    nan_loss.backward()
+    expect(bool(nan_loss.isnan()) and bool((zg.grad == 0).all()), (nan_loss, zg.grad))
     # the group still works
     loss = sd.cross_entropy(z, t, group=group)
     ref = reference_ce(full_logits(71, (4, v)), t)

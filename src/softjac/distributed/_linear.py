@@ -85,9 +85,9 @@ class LinearCrossEntropyShard(torch.autograd.Function):
             z = _logits(xc, wc, bc)
             st = {k: v[i:j] for k, v in state.items()}
             yc = None if y2 is None else y2[i:j]
-            grad = spec.grad_logits(z, yc, st) * g[i:j].unsqueeze(-1)
             if dy is not None:
                 dy[i:j] = (spec.grad_probs_target(z, st) * g[i:j].unsqueeze(-1)).to(y2.dtype)
+            grad = spec.grad_logits(z, yc, st, g[i:j])
             dx[i:j] = grad @ wc
             dw += grad.T @ xc
             if db is not None:

@@ -26,18 +26,32 @@ def row_max(z: torch.Tensor, group) -> torch.Tensor:
     return _comm.all_reduce_max(z.amax(dim=-1).clone(), group)
 
 
-def exp_parts(z: torch.Tensor, m: torch.Tensor):
-    """``(e, has, k, ms, s_excl)`` for shard ``z`` and global maxima ``m``:
-    ``e = exp(z − ms)`` with ``ms`` = ``m`` (0 for a fully masked row), ``has`` whether this
-    rank holds an entry equal to ``m`` (its first one is ``k``, where ``e_k = 1``), and
-    ``s_excl`` the local sum of ``e`` without that entry."""
+def max_parts(z: torch.Tensor, m: torch.Tensor):
+    """``(ms, has, k)`` for shard ``z`` and global maxima ``m``: ``ms`` = ``m`` (0 for a fully
+    masked row), whether this rank holds an entry equal to ``m`` and the first such ``k``."""
     finite = torch.isfinite(m)
     ms = torch.where(finite, m, torch.zeros_like(m))
-    e = (z - ms.unsqueeze(-1)).exp()
     k = z.argmax(dim=-1, keepdim=True)
     has = (z.gather(-1, k).squeeze(-1) == m) & finite
-    s_all = e.sum(dim=-1)
-    s_excl = torch.where(has, e.scatter(-1, k, 0.0).sum(dim=-1), s_all)
+    return ms, has, k
+
+
+def exp_excl_(d: torch.Tensor, has: torch.Tensor, k: torch.Tensor):
+    """``d = z − ms`` (a buffer the caller owns) becomes ``e = exp(d)`` in place; returns
+    ``(e, s_excl)`` with ``s_excl`` the row sum of ``e`` without the entry ``k`` where
+    ``has`` (there ``e_k = 1`` exactly)."""
+    e = d.exp_()
+    ek = e.gather(-1, k)
+    e.scatter_(-1, k, torch.where(has.unsqueeze(-1), torch.zeros_like(ek), ek))
+    s_excl = e.sum(dim=-1)
+    e.scatter_(-1, k, ek)
+    return e, s_excl
+
+
+def exp_parts(z: torch.Tensor, m: torch.Tensor):
+    """``(e, has, k, ms, s_excl)``: :func:`max_parts` and :func:`exp_excl_` on a new buffer."""
+    ms, has, k = max_parts(z, m)
+    e, s_excl = exp_excl_(z - ms.unsqueeze(-1), has, k)
     return e, has, k, ms, s_excl
 
 
@@ -65,7 +79,7 @@ class SoftmaxShard(torch.autograd.Function):
             red = torch.stack([s_excl, has.to(z.dtype)], dim=-1)
             _comm.all_reduce_sum(red, group)  # all-reduce #2
             _, s, _ = sum_parts(red[:, 0], red[:, 1])
-            p = e / s.unsqueeze(-1)
+            p = e.div_(s.unsqueeze(-1))
         ctx.group = group
         ctx.save_for_backward(p, has, k)
         return p
@@ -192,7 +206,7 @@ class CrossEntropyShard(torch.autograd.Function):
         z, y, *vals = ctx.saved_tensors
         state = dict(zip(ctx.names, vals, strict=True))
         spec = ctx.spec
-        gz = spec.grad_logits(z, y, state) * g.to(z.dtype).unsqueeze(-1)
+        gz = spec.grad_logits(z, y, state, g.to(z.dtype))
         gy = None
         if ctx.needs_input_grad[1]:
             gy = (spec.grad_probs_target(z, state) * g.to(z.dtype).unsqueeze(-1)).to(y.dtype)
@@ -217,28 +231,32 @@ class CESpec:
         return wy if self.w_loc is None else wy * self.w_loc
 
     def partials(self, z, m, y, target):
-        """``(red, state)``: the columns to all-reduce ``(M, 4 or 5)`` and per-row state."""
+        """``(red, state)``: the columns to all-reduce ``(M, 4 or 5)`` and per-row state. One
+        temporary of the shard's size (``z − m``, then ``exp`` of it in place)."""
         eps, start, n_loc = self.eps, self.start, self.n_loc
-        _, has, k, ms, s_excl = exp_parts(z, m)
-        shifted = ms.unsqueeze(-1) - z  # m − z ≥ 0
+        ms, has, k = max_parts(z, m)
+        d = z - ms.unsqueeze(-1)  # z − m ≤ 0
         state = {"has": has, "k": k, "ms": ms}
         if target is not None:
             valid = target != self.ignore_index
             tg = torch.where(valid, target, torch.zeros_like(target))
             mine = valid & (tg >= start) & (tg < start + n_loc)
             tl = torch.where(mine, tg - start, torch.zeros_like(tg)).unsqueeze(-1)
-            d_y = torch.where(mine, shifted.gather(-1, tl).squeeze(-1), torch.zeros_like(ms))
-            if eps > 0:
-                sm = (shifted if self.w_loc is None else shifted * self.w_loc).sum(-1)
+            d_y = torch.where(mine, -d.gather(-1, tl).squeeze(-1), torch.zeros_like(ms))
+            if eps > 0:  # Σ_c w_c (m − z_c)
+                sm = -(d.sum(-1) if self.w_loc is None else d @ self.w_loc)
             else:
                 sm = torch.zeros_like(ms)
+            _, s_excl = exp_excl_(d, has, k)
             red = torch.stack([s_excl, has.to(z.dtype), d_y, sm], dim=-1)
             state.update(valid=valid, tg=tg, mine=mine, tl=tl.squeeze(-1))
         else:
             wy = self._wy(y, z.dtype)
             wy_k = torch.where(has, wy.gather(-1, k).squeeze(-1), torch.zeros_like(ms))
             wy_x = torch.where(has, wy.scatter(-1, k, 0.0).sum(-1), wy.sum(-1))
-            red = torch.stack([s_excl, has.to(z.dtype), wy_x, wy_k, (wy * shifted).sum(-1)], -1)
+            d_w = -(wy.mul_(d)).sum(-1)  # ⟨w y', m − z⟩
+            _, s_excl = exp_excl_(d, has, k)
+            red = torch.stack([s_excl, has.to(z.dtype), wy_x, wy_k, d_w], -1)
         return red, state
 
     def finish(self, red, state):
@@ -277,29 +295,37 @@ class CESpec:
             state.update(a_z=a_z, wy_x=wy_x, wy_sum=wy_sum)
         return rows, state
 
-    def grad_logits(self, z, y, st):
-        """``∂loss_n/∂z`` on the shard (rows of ``st`` matching ``z``); no communication."""
+    def grad_logits(self, z, y, st, g):
+        """``g_n ∂loss_n/∂z`` on the shard (rows of ``st`` and ``g`` matching ``z``); no
+        communication, one new tensor (the result; built in place)."""
         eps, total = self.eps, self.total
         k, r, owner, a_z = st["k"], st["r"], st["owner"], st["a_z"]
-        p = _probs(z, st["ms"], st["logs"])
+        out = z - st["ms"].unsqueeze(-1)
+        out.sub_(st["logs"].unsqueeze(-1)).exp_()  # σ = exp((z − m) − log S)
         if "valid" in st:
             w_y, w_sum, tl, mine = st["w_y"], st["w_sum"], st["tl"], st["mine"]
-            vf = st["valid"].to(z.dtype)
+            valid = st["valid"]
+            vf = valid.to(z.dtype)
             a = (1.0 - eps) * w_y + (eps / total) * w_sum * vf + a_z
-            out = p * a.unsqueeze(-1)
-            out = out.scatter_add(-1, tl.unsqueeze(-1), (-(1.0 - eps) * w_y * mine).unsqueeze(-1))
+            out.mul_(a.unsqueeze(-1))
+            out.scatter_add_(-1, tl.unsqueeze(-1), (-(1.0 - eps) * w_y * mine).unsqueeze(-1))
             if eps > 0:
-                sm = (eps / total) * vf.unsqueeze(-1)
-                out = out - (sm if self.w_loc is None else sm * self.w_loc)
+                if self.w_loc is None:
+                    out.sub_(((eps / total) * vf).unsqueeze(-1))
+                else:
+                    out.addr_((eps / total) * vf, self.w_loc, alpha=-1.0)
             # the argmax entry: a σ_k − t_k = (a − t_k) − a r/S, with a − t_k from its parts
             w_k = torch.ones_like(r) if self.w_loc is None else self.w_loc[k.squeeze(-1)]
             hit_k = mine & (tl == k.squeeze(-1))
             a_minus_t = (1.0 - eps) * w_y * (~hit_k) + (eps / total) * (w_sum - w_k) * vf + a_z
-            return _set_entry(out, owner, k, a_minus_t - a * (r / (1 + r)))
-        wy = self._wy(y, z.dtype)
+            _set_entry_(out, owner, k, a_minus_t - a * (r / (1 + r)))
+            out.mul_(g.unsqueeze(-1))
+            # ignored rows: exactly 0, even under a 0/0 'mean' (as PyTorch's)
+            return out.masked_fill_(~valid.unsqueeze(-1), 0.0)
         a = st["wy_sum"] + a_z
-        out = p * a.unsqueeze(-1) - wy
-        return _set_entry(out, owner, k, (st["wy_x"] + a_z) - a * (r / (1 + r)))
+        out.mul_(a.unsqueeze(-1)).sub_(self._wy(y, z.dtype))
+        _set_entry_(out, owner, k, (st["wy_x"] + a_z) - a * (r / (1 + r)))
+        return out.mul_(g.unsqueeze(-1))
 
     def grad_probs_target(self, z, st):
         """``∂loss_n/∂y = (1 − ε) w ⊙ (lse_n − z_n)`` (probability targets)."""
@@ -308,7 +334,7 @@ class CESpec:
         return w * lse_z
 
 
-def _set_entry(x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, value: torch.Tensor):
-    """``x`` with ``x[n, k_n] = value_n`` where ``rows`` is True."""
+def _set_entry_(x: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, value: torch.Tensor):
+    """In place: ``x[n, k_n] = value_n`` where ``rows`` is True."""
     current = x.gather(-1, k).squeeze(-1)
-    return x.scatter(-1, k, torch.where(rows, value, current).unsqueeze(-1))
+    return x.scatter_(-1, k, torch.where(rows, value, current).unsqueeze(-1))
