@@ -194,9 +194,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--reps", type=int, default=None, help="timed iterations (default 15)")
     args = ap.parse_args(argv)
     shapes = [(256, 4096)] if args.quick else [(1024, 32768), (4096, 8192)]
-    reps = 5 if args.quick else 15
+    reps = args.reps or (5 if args.quick else 15)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
