@@ -89,6 +89,7 @@ __all__ = [
     "cross_entropy_backward",
     "cross_entropy_forward",
     "graph_needs",
+    "has_memory",
     "info",
     "jacobian_logits",
     "resolve_backend",
@@ -197,7 +198,7 @@ def _triton_module() -> ModuleType:
     return _triton
 
 
-def _has_storage(x: torch.Tensor) -> bool:
+def has_memory(x: torch.Tensor) -> bool:
     """False for tensors without memory of their own (the wrappers of ``torch.func``
     transforms: ``vmap``, ``grad``, ``jvp`` …), whose storage cannot be accessed."""
     try:
@@ -213,7 +214,7 @@ def _opaque(x: torch.Tensor) -> str:
         return "inside torch.compile tracing"
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         return f"a tensor subclass ({type(x).__name__})"
-    if not _has_storage(x):
+    if not has_memory(x):
         return "a tensor without storage (inside vmap or another torch.func transform)"
     return ""
 
@@ -230,7 +231,7 @@ def graph_needs(*tensors: torch.Tensor | None) -> str:
             continue
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return "transform"
-        if not _has_storage(t):
+        if not has_memory(t):
             return "transform"
         if _fw_ad.unpack_dual(t).tangent is not None:
             return "forward"
