@@ -1,0 +1,111 @@
+/* softjac CPU kernels: vectorisable exp for float (flushing, exp_f32; full range down to the
+ * smallest subnormal, exp_full_f32) and their lane-by-lane vector forms. */
+#ifndef SOFTJAC_EXP_H
+#define SOFTJAC_EXP_H
+
+#include "simd.h"
+
+/* exp(x) for float, vectorisable (no libm call): x = n ln2 + r with |r| <= ln2/2, exp(r) by
+ * its degree-7 Taylor polynomial (truncation error < 3e-9 relative, below float rounding),
+ * 2^n put into the exponent bits.  Results below 2^-126 (x < -87.33, including x = -inf) are
+ * flushed to 0: such a probability contributes less than 1.2e-38 to any entry. */
+/* exp(xc - n ln2) for the n = rint(xc log2 e) of the caller: the two-part (Cody-Waite)
+ * reduction and the polynomial, shared by exp_f32 and exp_full_f32. */
+static inline float exp_reduced_f32(float xc, float n) {
+    float r = __builtin_fmaf(n, -0.693145751953125f, xc);
+    r = __builtin_fmaf(n, -1.428606765330187045e-06f, r);
+    float q = 1.0f / 5040.0f;
+    q = __builtin_fmaf(q, r, 1.0f / 720.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 120.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 24.0f);
+    q = __builtin_fmaf(q, r, 1.0f / 6.0f);
+    q = __builtin_fmaf(q, r, 0.5f);
+    q = __builtin_fmaf(q, r, 1.0f);
+    return __builtin_fmaf(q, r, 1.0f);
+}
+
+static inline float exp_f32(float x) {
+    const float lo = -87.33f;
+    const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    const float q = exp_reduced_f32(xc, n);
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < lo ? 0.0f : q * scale;
+}
+
+static inline double exp_f64(double x) { return __builtin_exp(x); }
+
+/* exp(x) for x <= 0 (and -inf, NaN): Cody-Waite reduction and the degree-7 polynomial of
+ * exp_f32, scaled by 2^n in two steps below 2^-126 (2^(n+64), exact, then 2^-64, the one
+ * rounding into the subnormal range); 0 below -103.98 (under half the smallest subnormal).
+ * Only entries whose exp is subnormal pay the processor's subnormal assist. */
+static inline float exp_full_f32(float x) {
+    const float lo = -103.98f;
+    const float xc = x < lo || x != x ? 0.0f : x; /* lanes returned as 0 or NaN compute exp(0) */
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    const float q = exp_reduced_f32(xc, n);
+    const int32_t ni = (int32_t)n;
+    const int small = ni < -126;
+    const int32_t bits = ((small ? ni + 64 : ni) + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    const float res = (q * scale) * (small ? 5.421010862427522e-20f : 1.0f);
+    return x != x ? x : (x < lo ? 0.0f : res);
+}
+
+#ifdef SOFTJAC_VEC
+/* vexp is exp_f32 lane by lane (same clamp, same
+ * rounding of n: adding and subtracting 1.5 * 2^23 rounds to nearest even like rintf for
+ * |x log2 e| < 2^22, the same FMA polynomial); n may differ by one from rintf's in a near-tie
+ * where the product is fused into the rounding add, which leaves |r| a hair above ln2/2 and the
+ * result as accurate. */
+/* exp_reduced_f32 lane by lane. */
+static inline cvf vexp_reduced(cvf xc, cvf n) {
+    cvf r = n * -0.693145751953125f + xc;
+    r = n * -1.428606765330187045e-06f + r;
+    cvf q = (cvf){0} + 1.0f / 5040.0f;
+    q = q * r + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    return q * r + 1.0f;
+}
+
+static inline cvf vexp(cvf x) {
+    const cvf zero = {0};
+    const cvf lo = zero - 87.33f, hi = zero + 88.0f, magic = zero + 12582912.0f;
+    const cvi under = x < lo;
+    cvf xc = (cvf)(((cvi)lo & under) | ((cvi)x & ~under));
+    const cvi over = xc > hi;
+    xc = (cvf)(((cvi)hi & over) | ((cvi)xc & ~over));
+    const cvf n = (xc * 1.44269504088896341f + magic) - magic;
+    const cvf q = vexp_reduced(xc, n);
+    const cvi bits = (__builtin_convertvector(n, cvi) + 127) << 23;
+    return (cvf)((cvi)(q * (cvf)bits) & ~under);
+}
+
+static inline cvf vexp_full(cvf x) {
+    const cvf zero = {0};
+    const cvf lo = zero - 103.98f, magic = zero + 12582912.0f;
+    const cvi under = x < lo, nan = x != x;
+    const cvf xc = (cvf)((cvi)x & ~under & ~nan); /* lanes returned as 0 or NaN compute exp(0) */
+    const cvf n = (xc * 1.44269504088896341f + magic) - magic;
+    const cvf q = vexp_reduced(xc, n);
+    const cvi ni = __builtin_convertvector(n, cvi);
+    const cvi small = ni < -126;
+    const cvi bits = ((ni + (small & 64)) + 127) << 23;
+    /* the second factor is 2^-64 only where the result is subnormal: a product with a
+     * subnormal result costs a microcode assist (about 150 cycles on Intel), so no other lane
+     * may make one, not even one whose result is discarded */
+    const cvf factor = (cvf)(((cvi)(zero + 5.421010862427522e-20f) & small) |
+                             ((cvi)(zero + 1.0f) & ~small));
+    const cvf res = (q * (cvf)bits) * factor;
+    return (cvf)(((cvi)x & nan) | ((cvi)res & ~under & ~nan));
+}
+#endif /* SOFTJAC_VEC */
+
+#endif /* SOFTJAC_EXP_H */
