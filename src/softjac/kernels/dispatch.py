@@ -392,12 +392,12 @@ def run_softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "aut
     v = v.to(z.dtype)
     if chosen == "cpu":
         return _cpu.softmax_vjp_logits(z, v)
-    tri = _triton_module()
-    if hasattr(tri, "softmax_vjp_logits"):
-        run = lambda: tri.softmax_vjp_logits(z, v)  # noqa: E731
-    else:
-        run = lambda: tri.softmax_vjp(z, v, lse=_core.logsumexp_last(_up(z)))  # noqa: E731
-    return _triton_or_fallback(backend, fn, run, lambda: _exact_vjp_torch(z, v))
+    return _triton_or_fallback(
+        backend,
+        fn,
+        lambda: _triton_module().softmax_vjp_logits(z, v),
+        lambda: _exact_vjp_torch(z, v),
+    )
 
 
 def _exact_jacobian_torch(z: torch.Tensor) -> torch.Tensor:
