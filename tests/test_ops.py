@@ -223,22 +223,49 @@ def test_dispatch_never_drops_a_forward_mode_tangent():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def triton_kernels(monkeypatch):
-    """``softjac.kernels._triton`` under the interpreter (no CUDA here), with
-    ``TRITON_INTERPRET=1`` set for the test so that ``backend="triton"`` accepts CPU tensors."""
+def _import_triton_interpreted():
+    """Import ``softjac.kernels._triton`` with ``TRITON_INTERPRET=1`` (read when triton is
+    first imported) unless it is imported already; at collection, like the Triton kernel
+    tests, so that other modules importing triton later do not matter."""
     import importlib.util
+    import os
     import sys
 
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        return
+    if "triton" in sys.modules:
+        return
+    had = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from softjac.kernels import _triton  # noqa: F401
+    finally:
+        if had is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = had
+
+
+_import_triton_interpreted()
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """``softjac.kernels._triton`` run by the Triton interpreter on CPU tensors, with
+    ``TRITON_INTERPRET=1`` set for the test so that ``backend="triton"`` accepts them."""
+    import sys
+
     if torch.cuda.is_available():
         pytest.skip("these run the interpreter on CPU tensors")
-    if "triton" in sys.modules and "softjac.kernels._triton" not in sys.modules:
-        pytest.skip("triton was imported without the interpreter in this process")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is first imported
+    if "softjac.kernels._triton" not in sys.modules:
+        pytest.skip("triton is not installed, or was imported without the interpreter")
+    from triton.runtime.interpreter import InterpretedFunction
+
     from softjac.kernels import _triton
 
+    if not isinstance(_triton._exact_row_kernel, InterpretedFunction):
+        pytest.skip("the Triton kernels were compiled for a GPU in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     return _triton
 
 
