@@ -153,7 +153,7 @@ def _eager_twin(cls: type[torch.autograd.Function]) -> type[torch.autograd.Funct
     return type(f"_Eager{cls.__name__}", (torch.autograd.Function,), body)
 
 
-_TWINS: dict[type, type] = {}
+_TWINS: dict[type, type[torch.autograd.Function]] = {}
 
 
 def _apply(cls: type[torch.autograd.Function], *args):
