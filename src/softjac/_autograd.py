@@ -254,6 +254,9 @@ class SoftmaxLast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
+        if not torch.is_grad_enabled() and _memory(p, g):
+            # plain backward (no create_graph): nothing records this product
+            return dispatch.run_softmax_vjp(p, g, ctx.backend), None
         return vjp_probs(p, g, ctx.backend), None
 
     @staticmethod
