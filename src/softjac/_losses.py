@@ -136,7 +136,7 @@ def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
         and t.numel()
         and t.device.type == "cpu"
         and type(t) is torch.Tensor
-        and not torch._C._are_functorch_transforms_active()
+        and not dispatch.graph_needs(t)
         and not _autograd._compiling()
     ):
         # Unit weights: the count of non-ignored rows, in a few small ops instead of the seven
