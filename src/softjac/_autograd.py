@@ -21,10 +21,13 @@ The Functions and what they compute (``σ = softmax(z)``, ``J = diag(σ) − σ�
   Autograd chains the σ-part through σ's own graph node (``J``), which gives the second
   derivative ``∂²σ_i/∂z_j∂z_k`` of ``shared/MATH.md`` without ever forming it. A plain
   backward (grad mode off, i.e. no ``create_graph``) calls the kernel directly instead.
-* :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, lse_n)`` per row through
-  ``dispatch.cross_entropy_forward`` (float32 math, float64 for float64 logits; unreduced; the reduction is done by the
-  caller with torch ops). Backward is ``g_n (a_n σ_n − b_n)`` (σ − y with weights and label
-  smoothing) through ``dispatch.cross_entropy_backward`` — never in place on the logits.
+* :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, m_n, ls_n)`` per row through
+  ``dispatch.cross_entropy_forward(..., stats=True)`` (float32 math, float64 for float64
+  logits; unreduced, the reduction is done by the caller with torch ops; ``lse = m + ls`` is
+  kept as the pair so that σ = ``exp((z − m) − ls)`` is accurate to the row's spread).
+  Backward is ``g_n (a_n σ_n − b_n)`` (σ − y with weights and label smoothing) through
+  ``dispatch.cross_entropy_backward`` — never in place on the logits, exactly 0 on ignored
+  rows.
 * :class:`CrossEntropyBackward` ``(z, g) ↦ g_n (a_n σ_n − b_n)``, its own Function so that
   cross-entropy is twice differentiable: ``∂/∂z = g_n a_n J_n`` (a :class:`SoftmaxVJP`) and
   ``∂/∂g_n = a_n σ_n − b_n``.
@@ -45,8 +48,9 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as _fw_ad
 
+from softjac import _core
 from softjac._checks import as_float_dtype
-from softjac.kernels import _cpu, _torch, dispatch
+from softjac.kernels import dispatch
 
 __all__ = [
     "CrossEntropyBackward",
@@ -232,30 +236,40 @@ class CrossEntropyBackward(torch.autograd.Function):
     """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
 
     Inputs: logits ``(N, K)``, ``grad_rows (N,)``, and the non-differentiable target ``(N,)``,
-    ``lse (N,)`` (float32 or float64, from the forward), weight, ignore_index, label smoothing, backend.
-    Forward is one ``dispatch.cross_entropy_backward`` call (float32 math, float64 for float64
-    logits; output in the logits dtype, not in place). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and
-    ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n − b_n⟩``, both O(N·K); σ is recomputed through
-    :class:`SoftmaxLast` so that these are differentiable again.
+    the forward's pair ``m (N,)``, ``ls (N,)`` (``lse = m + ls``; float32, float64 for float64
+    logits), weight, ignore_index, label smoothing, backend. Forward is one
+    ``dispatch.cross_entropy_backward`` call with σ = ``exp((z − m) − ls)`` (float32 math,
+    float64 for float64 logits; output in the logits dtype, not in place; ignored rows exactly
+    0). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n −
+    b_n⟩``, both O(N·K); σ is recomputed through :class:`SoftmaxLast` so that these are
+    differentiable again.
     """
 
     @staticmethod
-    def forward(logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
+    def forward(logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend):
         return dispatch.cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, eps, inplace=False,
+            logits, target, (m, ls), grad_rows, weight, ignore_index, eps, inplace=False,
             backend=backend,
         )  # fmt: skip
 
     @classmethod
     def apply(cls, *args):  # type: ignore[override]
-        return _apply_positional(cls, args, 8)
+        return _apply_positional(cls, args, 9)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, grad_rows, target, _lse, weight, ignore_index, eps, backend = inputs
+        logits, grad_rows, target, _m, _ls, weight, ignore_index, eps, backend = inputs
         ctx.opts = (ignore_index, eps, backend)
         ctx.save_for_backward(logits, grad_rows, target, weight)
         ctx.save_for_forward(logits, grad_rows, target, weight)
+
+    @staticmethod
+    def _scale(p, grad_rows, target, weight, ignore_index, eps):
+        """``g_n a_n`` per row (keepdim), exactly 0 on ignored rows."""
+        k = p.shape[-1]
+        valid, *_, a = _core.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+        scale = torch.where(valid, grad_rows.to(p.dtype) * a, torch.zeros_like(a))
+        return scale.unsqueeze(-1)
 
     @staticmethod
     def backward(ctx, gG):
@@ -265,14 +279,12 @@ class CrossEntropyBackward(torch.autograd.Function):
         gc = _up(gG)
         gz = gg = None
         if ctx.needs_input_grad[0]:
-            k = p.shape[-1]
-            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
+            scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
             gz = (_apply_vjp(p, gc, backend) * scale).to(logits.dtype)
         if ctx.needs_input_grad[1]:
-            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
+            g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             gg = (gc * g1).sum(-1).to(grad_rows.dtype)
-        return gz, gg, None, None, None, None, None, None
+        return gz, gg, None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dz, dg, *_):
@@ -281,18 +293,16 @@ class CrossEntropyBackward(torch.autograd.Function):
         p = _apply_softmax(_up(logits), backend)
         out = torch.zeros_like(p)
         if dz is not None:
-            k = p.shape[-1]
-            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
+            scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
             out = out + _apply_vjp(p, _up(dz), backend) * scale
         if dg is not None:
-            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
+            g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             out = out + g1 * dg.to(p.dtype).unsqueeze(-1)
         return out.to(logits.dtype)
 
     @staticmethod
-    def vmap(info, in_dims, logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
-        if in_dims[4] is not None:
+    def vmap(info, in_dims, logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend):
+        if in_dims[5] is not None:
             raise NotImplementedError(
                 "`softjac.cross_entropy`: vmap over `weight` is not supported; vmap over the "
                 "logits, target and cotangents instead."
@@ -300,11 +310,16 @@ class CrossEntropyBackward(torch.autograd.Function):
         b = info.batch_size
         z = _batched(logits, in_dims[0], b)
         n, k = z.shape[1], z.shape[2]
+
+        def flat(x, d):
+            return _batched(x, d, b).reshape(b * n)
+
         out = _apply_ce_backward(
             z.reshape(b * n, k),
-            _batched(grad_rows, in_dims[1], b).reshape(b * n),
-            _batched(target, in_dims[2], b).reshape(b * n),
-            _batched(lse, in_dims[3], b).reshape(b * n),
+            flat(grad_rows, in_dims[1]),
+            flat(target, in_dims[2]),
+            flat(m, in_dims[3]),
+            flat(ls, in_dims[4]),
             weight,
             ignore_index,
             eps,
@@ -315,20 +330,23 @@ class CrossEntropyBackward(torch.autograd.Function):
 
 class CrossEntropyRows(torch.autograd.Function):
     """Per-row cross-entropy ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) +
-    (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (0 for ignored rows) and ``lse_n``, float32 (float64
-    for float64 logits).
+    (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (exactly 0 for ignored rows), float32 (float64 for
+    float64 logits), with every ``lse − z_c`` formed as ``ls − (z_c − m)`` (accurate to the
+    row's spread, ``softjac._core.ce_forward_last``).
 
-    Inputs: logits ``(N, K)`` (any float dtype), int64 target ``(N,)``, weight ``(K,)`` or
-    None (treated as a constant: no gradient), ignore_index, label smoothing ε, backend.
-    Outputs ``(loss (N,), lse (N,))``; ``lse`` is non-differentiable. Backward is
-    :class:`CrossEntropyBackward` (σ − y directly, O(N·K)); saves the logits, target and lse.
+    Inputs: logits ``(N, K)`` (any float dtype), int64 target ``(N,)`` (validated by the
+    caller), weight ``(K,)`` or None (treated as a constant: no gradient), ignore_index, label
+    smoothing ε, backend. Outputs ``(loss (N,), m (N,), ls (N,))``; ``m`` and ``ls`` are
+    non-differentiable. Backward is :class:`CrossEntropyBackward` (σ − y directly, O(N·K));
+    saves the logits, target, m and ls.
     """
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, eps, backend):
-        return dispatch.cross_entropy_forward(
-            logits, target, weight, ignore_index, eps, backend=backend
+        loss, (m, ls) = dispatch.cross_entropy_forward(
+            logits, target, weight, ignore_index, eps, backend=backend, stats=True
         )
+        return loss, m, ls
 
     @classmethod
     def apply(cls, *args):  # type: ignore[override]
@@ -338,46 +356,29 @@ class CrossEntropyRows(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, eps, backend = inputs
         ctx.opts = (ignore_index, eps, backend)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(logits, target, weight, output[1])
-        ctx.save_for_forward(logits, target, weight, output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(logits, target, weight, output[1], output[2])
+        ctx.save_for_forward(logits, target, weight, output[1], output[2])
 
     @staticmethod
-    def backward(ctx, g_loss, _g_lse):
-        logits, target, weight, lse = ctx.saved_tensors
+    def backward(ctx, g_loss, _g_m, _g_ls):
+        logits, target, weight, m, ls = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        if (
-            not torch.is_grad_enabled()
-            and backend in ("auto", "cpu")
-            and logits.device.type == "cpu"
-            and logits.dtype in _cpu.CE_DTYPES
-            and dispatch.resolve_backend(
-                "softjac.cross_entropy", backend, logits, "cross_entropy_backward", g_loss
-            )
-            == "cpu"
-        ):
-            # plain backward on the C kernel: it gives ignored rows (and targets out of range)
-            # a zero gradient whatever their cotangent, so no masking op is needed
-            gz = _cpu.cross_entropy_backward(
-                logits, target, lse, g_loss, weight, ignore_index, eps, inplace=False
-            )
-            return gz, None, None, None, None, None
-        # Ignored rows contribute nothing; zeroing their cotangent also keeps a non-finite one
-        # (``mean`` over no valid row divides by 0) from turning 0 · inf into NaN, as in torch.
-        g = torch.where(target != ignore_index, g_loss, torch.zeros_like(g_loss))
-        args = (logits, g, target, lse, weight, ignore_index, eps, backend)
+        # Ignored rows get exactly 0 in every backend whatever their logits and cotangent (a
+        # 'mean' over no valid row gives an infinite cotangent; 0 · inf must not become NaN).
+        args = (logits, g_loss, target, m, ls, weight, ignore_index, eps, backend)
         if not torch.is_grad_enabled():  # plain backward: the kernel call, no bookkeeping
             return CrossEntropyBackward.forward(*args), None, None, None, None, None
         return _apply_ce_backward(*args), None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dz, *_):
-        logits, target, weight, lse = ctx.saved_tensors
+        logits, target, weight, m, ls = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        ones = torch.ones_like(lse)
-        g1 = _apply_ce_backward(logits, ones, target, lse, weight, ignore_index, eps, backend)
-        dloss = (_up(g1) * _up(dz)).sum(-1).to(lse.dtype)
-        return dloss, None
+        ones = torch.ones_like(m)
+        g1 = _apply_ce_backward(logits, ones, target, m, ls, weight, ignore_index, eps, backend)
+        dloss = (_up(g1) * _up(dz)).sum(-1).to(m.dtype)
+        return dloss, None, None
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, ignore_index, eps, backend):
@@ -390,8 +391,8 @@ class CrossEntropyRows(torch.autograd.Function):
         z = _batched(logits, in_dims[0], b)
         n, k = z.shape[1], z.shape[2]
         t = _batched(target, in_dims[1], b).reshape(b * n)
-        loss, lse = _apply_ce_rows(z.reshape(b * n, k), t, weight, ignore_index, eps, backend)
-        return (loss.reshape(b, n), lse.reshape(b, n)), (0, 0)
+        loss, m, ls = _apply_ce_rows(z.reshape(b * n, k), t, weight, ignore_index, eps, backend)
+        return (loss.reshape(b, n), m.reshape(b, n), ls.reshape(b, n)), (0, 0, 0)
 
 
 def cross_entropy_rows(
@@ -403,11 +404,12 @@ def cross_entropy_rows(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Unreduced, differentiable cross-entropy of 2-D logits ``(N, K)`` and int64 targets
-    ``(N,)``: ``loss_n`` in float32 (float64 for float64 logits; 0 for ignored rows), see :class:`CrossEntropyRows`.
+    ``(N,)``: ``loss_n`` in float32 (float64 for float64 logits; 0 for ignored rows), see
+    :class:`CrossEntropyRows`.
 
     Gradient ``g_n (a_n σ_n − b_n)`` computed directly in O(N·K); twice differentiable with
     Hessian ``a_n J_n`` per row. Inputs are not validated here (the public
-    ``softjac.cross_entropy`` does that).
+    ``softjac.cross_entropy`` does that, targets included).
     """
     dispatch.check_backend("softjac.cross_entropy", backend)
     return _apply_ce_rows(

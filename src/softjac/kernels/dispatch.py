@@ -42,16 +42,22 @@ Contract (every backend meets it):
 * ``softmax_vjp_from_logits(logits, lse, v)`` → the same with ``σ = exp(logits − lse)``
   recomputed on the fly (``lse`` of shape ``(..., 1)``, float32 or wider).
 * ``softmax_jacobian_dense(probs)`` → ``(..., K, K)``.
-* ``cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)`` on 2-D
-  logits ``(N, K)`` and int64 class indices ``(N,)`` → ``(loss_rows, lse)``, both float32
-  (float64 for float64 logits, which always run the PyTorch implementation) of shape ``(N,)``,
-  unreduced, ignored rows giving loss 0. With ``w`` the class weights (ones if
-  None) and ``ε`` the smoothing:
-  ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε / K) Σ_c w[c] (lse_n − z_{n,c})``.
+* ``cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
+  stats=False)`` on 2-D logits ``(N, K)`` and int64 class indices ``(N,)`` (each in ``[0, K)`` or
+  ``ignore_index``: validated by the caller) → ``(loss_rows, lse)``, or ``(loss_rows, (m, ls))``
+  with ``stats=True``: float32 (float64 for float64 logits, which always run the PyTorch
+  implementation) of shape ``(N,)``, unreduced, ignored rows giving loss exactly 0. With ``w``
+  the class weights (ones if None), ``ε`` the smoothing, ``m = max z`` and
+  ``ls = log Σ exp(z − m)`` (``lse = m + ls``):
+  ``loss_n = (1 − ε) w[y_n] (ls_n − (z_{n,y_n} − m_n)) + (ε / K) Σ_c w[c] (ls_n − (z_{n,c} − m_n))``
+  — the formula of ``softjac._core.ce_forward_last``, accurate to the row's spread. NaN or
+  +inf in a row → NaN loss (and NaN ``m`` or ``ls``); −inf = masked class.
 * ``cross_entropy_backward(logits, target, lse, grad_rows, weight, ignore_index,
   label_smoothing, inplace=False)`` → ``∂(Σ_n grad_rows[n] · loss_n) / ∂logits`` in the logits
-  dtype: ``g_n [σ_n ((1 − ε) w[y_n] + (ε/K) Σ_c w[c]) − (1 − ε) w[y_n] e_{y_n} − (ε/K) w]``,
-  zero rows where ``y_n == ignore_index``. ``inplace=True`` writes into ``logits``.
+  dtype: ``g_n [σ_n ((1 − ε) w[y_n] + (ε/K) Σ_c w[c]) − (1 − ε) w[y_n] e_{y_n} − (ε/K) w]`` with
+  ``σ = exp((z − m) − ls)`` from the pair ``lse = (m, ls)`` (or ``exp(z − lse)`` when ``lse`` is
+  one tensor), exactly 0 rows where ``y_n == ignore_index``. ``inplace=True`` writes into
+  ``logits``.
 """
 
 from __future__ import annotations
@@ -282,29 +288,33 @@ def cross_entropy_forward(
     label_smoothing: float,
     *,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats: bool = False,
+):
     """``(loss_rows, lse)`` (float32, ``(N,)``; float64 for float64 logits) for ``(N, K)``
-    logits, see the module doc. The Triton kernel reads each row once (online log-sum-exp)."""
-    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
-        return _torch.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
-    chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
+    logits, see the module doc; with ``stats=True`` ``(loss_rows, (m, ls))``, the row maximum and
+    the log of the shifted sum (``lse = m + ls``), which :func:`cross_entropy_backward` takes
+    for σ accurate to the row's spread. The Triton kernel reads each row once (online
+    log-sum-exp; twice with label smoothing), the C kernel twice (the second from cache)."""
     args = (logits, target, weight, ignore_index, label_smoothing)
+    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
+        return _torch.cross_entropy_forward(*args, stats=stats)
+    chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
     if chosen == "triton":
         return _triton_or_fallback(
             backend,
             "softjac.cross_entropy",
-            lambda: _triton_module().cross_entropy_forward(*args),
-            lambda: _torch.cross_entropy_forward(*args),
+            lambda: _triton_module().cross_entropy_forward(*args, stats=stats),
+            lambda: _torch.cross_entropy_forward(*args, stats=stats),
         )
     if chosen == "cpu" and _has_c_kernel("cross_entropy_forward", logits):
-        return _cpu.cross_entropy_forward(*args)
-    return _torch.cross_entropy_forward(*args)
+        return _cpu.cross_entropy_forward(*args, stats=stats)
+    return _torch.cross_entropy_forward(*args, stats=stats)
 
 
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse,
     grad_rows: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -313,16 +323,17 @@ def cross_entropy_backward(
     inplace: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; the
-    Triton kernel reads each logit once and writes once (into ``logits`` when ``inplace``)."""
+    """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; ``lse``
+    is the pair ``(m, ls)`` of ``cross_entropy_forward(..., stats=True)`` (σ accurate to the
+    row's spread) or one log-sum-exp tensor (σ = exp(z − lse), accurate to ``eps · |lse|``).
+    Ignored rows get exactly 0. The kernels read each logit once and write once (into
+    ``logits`` when ``inplace``)."""
+    args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
     if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
-        return _torch.cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
-        )
+        return _torch.cross_entropy_backward(*args, inplace=inplace)
     chosen = resolve_backend(
         "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
     )
-    args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
     kernel = chosen == "triton" or (
         chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits)
     )
