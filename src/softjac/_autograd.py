@@ -232,6 +232,23 @@ def _apply_positional(cls, args, nargs):
     return super(torch.autograd.Function, cls).apply(*args)
 
 
+def _ce_rows(x: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy logits with the classes last: ``(N, K)`` as is, the ``(B, K, M)`` layout
+    (classes in the middle) as a ``(B, M, K)`` view."""
+    return x.movedim(1, -1) if x.ndim == 3 else x
+
+
+def _ce_unrows(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_ce_rows`."""
+    return x.movedim(-1, 1) if x.ndim == 3 else x
+
+
+def _merge2(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor | None:
+    """The vmapped dimension moved first and merged with the next one (more rows)."""
+    x = _batched(x, bdim, size)
+    return None if x is None else x.reshape(-1, *x.shape[2:])
+
+
 class CrossEntropyBackward(torch.autograd.Function):
     """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
 
@@ -275,12 +292,12 @@ class CrossEntropyBackward(torch.autograd.Function):
     def backward(ctx, gG):
         logits, grad_rows, target, weight = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        p = _apply_softmax(_up(logits), backend)
-        gc = _up(gG)
+        p = _apply_softmax(_up(_ce_rows(logits)), backend)
+        gc = _up(_ce_rows(gG))
         gz = gg = None
         if ctx.needs_input_grad[0]:
             scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
-            gz = (_apply_vjp(p, gc, backend) * scale).to(logits.dtype)
+            gz = _ce_unrows((_apply_vjp(p, gc, backend) * scale).to(logits.dtype))
         if ctx.needs_input_grad[1]:
             g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             gg = (gc * g1).sum(-1).to(grad_rows.dtype)
@@ -290,15 +307,15 @@ class CrossEntropyBackward(torch.autograd.Function):
     def jvp(ctx, dz, dg, *_):
         logits, grad_rows, target, weight = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        p = _apply_softmax(_up(logits), backend)
+        p = _apply_softmax(_up(_ce_rows(logits)), backend)
         out = torch.zeros_like(p)
         if dz is not None:
             scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
-            out = out + _apply_vjp(p, _up(dz), backend) * scale
+            out = out + _apply_vjp(p, _up(_ce_rows(dz)), backend) * scale
         if dg is not None:
             g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             out = out + g1 * dg.to(p.dtype).unsqueeze(-1)
-        return out.to(logits.dtype)
+        return _ce_unrows(out.to(logits.dtype))
 
     @staticmethod
     def vmap(info, in_dims, logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend):
@@ -309,23 +326,18 @@ class CrossEntropyBackward(torch.autograd.Function):
             )
         b = info.batch_size
         z = _batched(logits, in_dims[0], b)
-        n, k = z.shape[1], z.shape[2]
-
-        def flat(x, d):
-            return _batched(x, d, b).reshape(b * n)
-
         out = _apply_ce_backward(
-            z.reshape(b * n, k),
-            flat(grad_rows, in_dims[1]),
-            flat(target, in_dims[2]),
-            flat(m, in_dims[3]),
-            flat(ls, in_dims[4]),
+            z.reshape(-1, *z.shape[2:]),
+            _merge2(grad_rows, in_dims[1], b),
+            _merge2(target, in_dims[2], b),
+            _merge2(m, in_dims[3], b),
+            _merge2(ls, in_dims[4], b),
             weight,
             ignore_index,
             eps,
             backend,
         )
-        return out.reshape(b, n, k), 0
+        return out.reshape(z.shape), 0
 
 
 class CrossEntropyRows(torch.autograd.Function):
@@ -377,7 +389,7 @@ class CrossEntropyRows(torch.autograd.Function):
         ignore_index, eps, backend = ctx.opts
         ones = torch.ones_like(m)
         g1 = _apply_ce_backward(logits, ones, target, m, ls, weight, ignore_index, eps, backend)
-        dloss = (_up(g1) * _up(dz)).sum(-1).to(m.dtype)
+        dloss = (_up(g1) * _up(dz)).sum(1 if logits.ndim == 3 else -1).to(m.dtype)
         return dloss, None, None
 
     @staticmethod
@@ -389,10 +401,10 @@ class CrossEntropyRows(torch.autograd.Function):
             )
         b = info.batch_size
         z = _batched(logits, in_dims[0], b)
-        n, k = z.shape[1], z.shape[2]
-        t = _batched(target, in_dims[1], b).reshape(b * n)
-        loss, m, ls = _apply_ce_rows(z.reshape(b * n, k), t, weight, ignore_index, eps, backend)
-        return (loss.reshape(b, n), m.reshape(b, n), ls.reshape(b, n)), (0, 0, 0)
+        t = _merge2(target, in_dims[1], b)
+        out = _apply_ce_rows(z.reshape(-1, *z.shape[2:]), t, weight, ignore_index, eps, backend)
+        shape = (b, z.shape[1], *z.shape[3:])  # the rows: logits' shape without the classes
+        return tuple(x.reshape(shape) for x in out), (0, 0, 0)
 
 
 def cross_entropy_rows(
@@ -404,8 +416,9 @@ def cross_entropy_rows(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Unreduced, differentiable cross-entropy of 2-D logits ``(N, K)`` and int64 targets
-    ``(N,)``: ``loss_n`` in float32 (float64 for float64 logits; 0 for ignored rows), see
-    :class:`CrossEntropyRows`.
+    ``(N,)`` — or of logits ``(B, K, M)`` with the classes in the middle and targets ``(B, M)``
+    (read in place by the C kernel) —: ``loss_n`` in float32 (float64 for float64 logits; 0 for
+    ignored rows), see :class:`CrossEntropyRows`.
 
     Gradient ``g_n (a_n σ_n − b_n)`` computed directly in O(N·K); twice differentiable with
     Hessian ``a_n J_n`` per row. Inputs are not validated here (the public

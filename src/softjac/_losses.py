@@ -47,8 +47,11 @@ def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) ->
     """
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
-    bad = (t != ignore_index) & ((t < 0) | (t >= k))
     try:
+        lo, hi = torch.aminmax(t)  # one pass in the common case: every index in range
+        if int(lo) >= 0 and int(hi) < k:
+            return
+        bad = (t != ignore_index) & ((t < 0) | (t >= k))
         found = bool(bad.any())
     except RuntimeError:  # vmap's batched tensors refuse data-dependent control flow
         return
@@ -61,11 +64,15 @@ def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) ->
 
 
 class _Prepared:
-    """Validated cross-entropy inputs, flattened to rows: logits ``(M, K)`` with the classes
-    last, and either int64 class indices ``(M,)`` or probabilities ``(M, K)``."""
+    """Validated cross-entropy inputs: the logits with the classes last (a view), flattened to
+    rows ``(M, K)`` on first use of :attr:`z2` (a copy when the class dim was not the last
+    one), and either int64 class indices ``(M,)`` or probabilities ``(M, K)``. For contiguous
+    logits whose class dim is not the last one, :meth:`inner` gives the copy-free
+    ``(B, K, M)`` view instead."""
 
-    def __init__(self, z2, target, probs_target, batch_shape, d, weight, ii, eps, reduction):
-        self.z2 = z2
+    def __init__(self, logits, z, target, probs_target, batch_shape, d, weight, ii, eps, reduction):
+        self.logits = logits
+        self.z = z
         self.target = target
         self.probs_target = probs_target
         self.batch_shape = batch_shape
@@ -74,6 +81,24 @@ class _Prepared:
         self.ignore_index = ii
         self.eps = eps
         self.reduction = reduction
+        self._z2 = None
+
+    @property
+    def z2(self) -> torch.Tensor:
+        if self._z2 is None:
+            self._z2 = self.z.reshape(-1, self.z.shape[-1])
+        return self._z2
+
+    def inner(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits (B, K, M), target (B, M))`` views when the class dim is not the last one
+        and the logits are contiguous (class-index targets), else None."""
+        x = self.logits
+        if self.probs_target or self.d == x.ndim - 1 or not x.is_contiguous():
+            return None
+        k = x.shape[self.d]
+        b = math.prod(x.shape[: self.d])
+        m = math.prod(x.shape[self.d + 1 :])
+        return x.view(b, k, m), self.target.view(b, m)
 
 
 def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction):
@@ -127,7 +152,6 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
         )
     z = _core.to_last(logits, d)
     batch_shape = z.shape[:-1]
-    z2 = z.reshape(-1, k)
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
@@ -140,7 +164,7 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
                 f"torch.nn.functional.cross_entropy). Got {ignore_index}."
             )
         t = _core.to_last(target, d).reshape(-1, k)
-        return _Prepared(z2, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
+        return _Prepared(logits, z, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
     want = logits.shape[:d] + logits.shape[d + 1 :]
     if target.shape != want:
         raise ValueError(
@@ -149,7 +173,7 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
         )
     t = target.reshape(-1).long()
     _check_class_indices(fn, t, k, ignore_index)
-    return _Prepared(z2, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+    return _Prepared(logits, z, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
 
 
 def _smoothed(prep: _Prepared, cd: torch.dtype):
@@ -252,9 +276,9 @@ def cross_entropy(
     if weight is not None and weight.requires_grad:
         rows = _class_rows_torch(prep, cd)
     else:
-        rows = _autograd.cross_entropy_rows(
-            prep.z2, prep.target, weight, ignore_index, prep.eps, backend
-        )
+        inner = prep.inner()
+        zr, tr = inner if inner is not None else (prep.z2, prep.target)
+        rows = _autograd.cross_entropy_rows(zr, tr, weight, ignore_index, prep.eps, backend)
     denom = _class_denominator(prep, rows.dtype) if reduction == "mean" else None
     return _reduce(prep, rows, denom).to(logits.dtype)
 

@@ -25,7 +25,9 @@ __all__ = [
     "CE_DTYPES",
     "available",
     "cross_entropy_backward",
+    "cross_entropy_backward_inner",
     "cross_entropy_forward",
+    "cross_entropy_forward_inner",
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
@@ -89,6 +91,11 @@ def _load() -> ctypes.CDLL | None:
             signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
             signatures[f"softjac_ce_fwd_{suffix}"] = ce_fwd
             signatures[f"softjac_ce_bwd_{suffix}"] = ce_bwd
+        # the class-in-the-middle (nb, k, m) cross-entropy kernels, float32
+        signatures["softjac_ce_fwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr]
+        signatures["softjac_ce_fwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
+        signatures["softjac_ce_bwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr]
+        signatures["softjac_ce_bwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
@@ -318,4 +325,62 @@ def cross_entropy_backward(
         fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
            m.data_ptr(), ls.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, sz, so,
            ignore_index, float(label_smoothing), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def cross_entropy_forward_inner(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+):
+    """``(loss, (m, ls))``, each ``(B, M)`` float32, for contiguous float32 logits ``(B, K, M)``
+    with the classes in the middle (cross-entropy over dim 1 of NCHW data) and targets
+    ``(B, M)``: the row kernel's formulas read in place, tiles of columns with SIMD across them
+    (no copy into rows). Targets must be in ``[0, K)`` or ``ignore_index``."""
+    _lib_or_raise()
+    b, k, m = logits.shape
+    z = logits.contiguous()
+    tgt = target.to(torch.int64).reshape(b, m).contiguous()
+    loss = torch.empty(b, m, dtype=torch.float32)
+    mx = torch.empty(b, m, dtype=torch.float32)
+    ls = torch.empty(b, m, dtype=torch.float32)
+    w, wp, w_sum = _weight_args(weight)
+    if b and k and m:
+        _fns["softjac_ce_fwd_inner_f32"](
+            z.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+            loss.data_ptr(), mx.data_ptr(), ls.data_ptr(), b, k, m, ignore_index,
+            float(label_smoothing), torch.get_num_threads(),
+        )  # fmt: skip
+    return loss, (mx, ls)
+
+
+def cross_entropy_backward_inner(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    grad_rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """``∂(Σ g loss)/∂z`` ``(B, K, M)`` float32 for the layout of
+    :func:`cross_entropy_forward_inner`, from its pair ``(m, ls)`` and ``grad_rows`` ``(B, M)``
+    (or one value for all); one read of the logits and one write, in place of the layout.
+    Ignored rows get exactly 0."""
+    _lib_or_raise()
+    b, k, m = logits.shape
+    z = logits.contiguous()
+    tgt = target.to(torch.int64).reshape(b, m).contiguous()
+    mx, ls = (x.to(torch.float32).reshape(b, m).contiguous() for x in stats)
+    g = grad_rows.to(torch.float32).reshape(-1).expand(b * m).contiguous()
+    out = torch.empty(b, k, m, dtype=torch.float32)
+    w, wp, w_sum = _weight_args(weight)
+    if b and k and m:
+        _fns["softjac_ce_bwd_inner_f32"](
+            z.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+            mx.data_ptr(), ls.data_ptr(), g.data_ptr(), out.data_ptr(), b, k, m, ignore_index,
+            float(label_smoothing), torch.get_num_threads(),
+        )  # fmt: skip
     return out

@@ -97,6 +97,8 @@ _C_OPS = {
     "softmax_vjp_from_logits": _ALL,
     "cross_entropy_forward": _cpu.CE_DTYPES,
     "cross_entropy_backward": _cpu.CE_DTYPES,
+    "cross_entropy_forward_inner": (torch.float32,),
+    "cross_entropy_backward_inner": (torch.float32,),
 }
 
 
@@ -295,6 +297,10 @@ def cross_entropy_forward(
     the log of the shifted sum (``lse = m + ls``), which :func:`cross_entropy_backward` takes
     for σ accurate to the row's spread. The Triton kernel reads each row once (online
     log-sum-exp; twice with label smoothing), the C kernel twice (the second from cache)."""
+    if logits.ndim == 3:
+        return _cross_entropy_forward_inner(
+            logits, target, weight, ignore_index, label_smoothing, backend, stats
+        )
     args = (logits, target, weight, ignore_index, label_smoothing)
     if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
         return _torch.cross_entropy_forward(*args, stats=stats)
@@ -328,6 +334,15 @@ def cross_entropy_backward(
     row's spread) or one log-sum-exp tensor (σ = exp(z − lse), accurate to ``eps · |lse|``).
     Ignored rows get exactly 0. The kernels read each logit once and write once (into
     ``logits`` when ``inplace``)."""
+    if logits.ndim == 3:
+        if inplace:
+            raise ValueError(
+                "`softjac.cross_entropy`: `inplace=True` needs 2-D logits (N, K). "
+                f"Got {tuple(logits.shape)}."
+            )
+        return _cross_entropy_backward_inner(
+            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, backend
+        )
     args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
     if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
         return _torch.cross_entropy_backward(*args, inplace=inplace)
@@ -354,3 +369,50 @@ def cross_entropy_backward(
     if kernel:
         return _cpu.cross_entropy_backward(*args, inplace=inplace)
     return _torch.cross_entropy_backward(*args, inplace=inplace)
+
+
+def _inner_kernel(op: str, backend: str, logits: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the C kernel for the ``(B, K, M)`` layout takes these logits: float32, contiguous,
+    on the CPU, chosen by ``backend``."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return False
+    chosen = resolve_backend("softjac.cross_entropy", backend, logits, op, *others)
+    return chosen == "cpu" and logits.is_contiguous() and _cpu.available()
+
+
+def _cross_entropy_forward_inner(logits, target, weight, ignore_index, eps, backend, stats):
+    """:func:`cross_entropy_forward` for logits ``(B, K, M)`` with the classes in the middle and
+    targets ``(B, M)``; results ``(B, M)``. The C kernel reads that layout in place; the other
+    backends get the logits copied into rows."""
+    b, k, m = logits.shape
+    if _inner_kernel("cross_entropy_forward_inner", backend, logits):
+        loss, pair = _cpu.cross_entropy_forward_inner(logits, target, weight, ignore_index, eps)
+    else:
+        rows = logits.movedim(1, -1).reshape(-1, k)
+        loss, pair = cross_entropy_forward(
+            rows, target.reshape(-1), weight, ignore_index, eps, backend=backend, stats=True
+        )
+        loss, pair = loss.reshape(b, m), tuple(x.reshape(b, m) for x in pair)
+    return (loss, pair) if stats else (loss, pair[0] + pair[1])
+
+
+def _cross_entropy_backward_inner(
+    logits, target, lse, grad_rows, weight, ignore_index, eps, backend
+):
+    """:func:`cross_entropy_backward` for the layout of :func:`_cross_entropy_forward_inner`;
+    the gradient comes back as ``(B, K, M)``."""
+    b, k, m = logits.shape
+    if _inner_kernel("cross_entropy_backward_inner", backend, logits, grad_rows):
+        pair = _torch.split_lse(lse, torch.empty(0, dtype=torch.float32))
+        return _cpu.cross_entropy_backward_inner(
+            logits, target, pair, grad_rows, weight, ignore_index, eps
+        )
+    rows = logits.movedim(1, -1).reshape(-1, k)
+    lse_rows = (
+        tuple(x.reshape(-1) for x in lse) if isinstance(lse, (tuple, list)) else lse.reshape(-1)
+    )
+    out = cross_entropy_backward(
+        rows, target.reshape(-1), lse_rows, grad_rows.reshape(-1), weight, ignore_index, eps,
+        backend=backend,
+    )  # fmt: skip
+    return out.reshape(b, m, k).movedim(-1, 1)

@@ -209,3 +209,297 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
 DEFINE_CE(f32, float, LOAD_F32, STORE_F32)
 DEFINE_CE(bf16, bf16_t, LOAD_BF16, STORE_BF16)
 DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
+
+/* softjac_ce_{fwd,bwd}_inner_f32: the same forward and backward for float32 logits laid out as
+ * contiguous (nb, k, m) with the class dim in the middle (cross-entropy over dim 1 of an NCHW
+ * tensor): row (i, c) is z[i, :, c], with stride m; targets, losses, m, ls and the incoming
+ * gradient are (nb, m) arrays, the gradient comes back in the (nb, k, m) layout.  Instead of
+ * copying the logits into rows and the gradient back (two transposes), each task takes a tile
+ * of up to CE_IT columns c and sweeps j = 0..k-1, loading the tile's contiguous entries per j
+ * (SIMD across c): a max sweep, then an exp-sum sweep from cache (float partials over BLK
+ * entries of j, added in double), the same formulas per column as the row kernels. */
+#define CE_IT 256
+
+static inline int64_t ce_inner_tile(int64_t k, int64_t m) {
+    int64_t t = ((int64_t)1 << 21) / (4 * (k > 0 ? k : 1)); /* 2 MiB of logits per tile */
+    t = t < 16 ? 16 : (t > CE_IT ? CE_IT : t & ~(int64_t)15);
+    return t < m ? t : m;
+}
+
+static void ce_fwd_inner_tile_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                                  float *loss, float *m_out, float *ls_out, int64_t k, int64_t m,
+                                  int64_t tw, int64_t ignore_index, float eps) {
+    float mx[CE_IT], sb[CE_IT], wb[CE_IT];
+    double se[CE_IT], swz[CE_IT];
+    for (int64_t c = 0; c < tw; ++c) {
+        mx[c] = -__builtin_inff();
+        se[c] = 0;
+        swz[c] = 0;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+        const float *zj = z + j * m;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < tw; ++c) mx[c] = zj[c] > mx[c] ? zj[c] : mx[c];
+    }
+    for (int64_t c = 0; c < tw; ++c)
+        if (mx[c] == -__builtin_inff()) mx[c] = 0.0f;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        for (int64_t c = 0; c < tw; ++c) {
+            sb[c] = 0;
+            wb[c] = 0;
+        }
+        for (int64_t j = b; j < e; ++j) {
+            const float *zj = z + j * m;
+            if (eps > 0) {
+                const float wj = w ? w[j] : 1.0f;
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < tw; ++c) {
+                    const float d = zj[c] - mx[c];
+                    sb[c] += exp_f32(d);
+                    wb[c] += wj * d;
+                }
+            } else {
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < tw; ++c) sb[c] += exp_f32(zj[c] - mx[c]);
+            }
+        }
+        for (int64_t c = 0; c < tw; ++c) {
+            se[c] += sb[c];
+            swz[c] += wb[c];
+        }
+    }
+    for (int64_t c = 0; c < tw; ++c) {
+        const float ls = (float)__builtin_log(se[c]);
+        m_out[c] = mx[c];
+        ls_out[c] = ls;
+        const int64_t y = tgt[c];
+        if (y == ignore_index) {
+            loss[c] = 0.0f;
+            continue;
+        }
+        const float wy = w ? w[y] : 1.0f;
+        float li = (1.0f - eps) * wy * (ls - (z[y * m + c] - mx[c]));
+        if (eps > 0) li += (eps / (float)k) * (w_sum * ls - (float)swz[c]);
+        loss[c] = li;
+    }
+}
+
+static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                                  const float *m_in, const float *ls_in, const float *grad,
+                                  float *out, int64_t k, int64_t m, int64_t tw,
+                                  int64_t ignore_index, float eps) {
+    float mv[CE_IT], lv[CE_IT], cf[CE_IT], sm[CE_IT];
+    int32_t keep[CE_IT];
+    for (int64_t c = 0; c < tw; ++c) {
+        const int64_t y = tgt[c];
+        const int valid = y != ignore_index;
+        const float g = valid ? grad[c] : 0.0f;
+        const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
+        cf[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
+        sm[c] = g * eps / (float)k;
+        mv[c] = m_in[c];
+        lv[c] = ls_in[c];
+        keep[c] = valid;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+        const float *zj = z + j * m;
+        float *oj = out + j * m;
+        const float wj = w ? w[j] : 1.0f;
+        _Pragma("omp simd")
+        for (int64_t c = 0; c < tw; ++c) {
+            const float r = exp_f32((zj[c] - mv[c]) - lv[c]) * cf[c] - sm[c] * wj;
+            oj[c] = keep[c] ? r : 0.0f; /* ignored rows: exactly 0 whatever z holds */
+        }
+    }
+    for (int64_t c = 0; c < tw; ++c) {
+        const int64_t y = tgt[c];
+        if (y == ignore_index) continue;
+        out[y * m + c] -= grad[c] * (1.0f - eps) * (w ? w[y] : 1.0f);
+    }
+}
+
+#ifdef SOFTJAC_VEC
+/* The tile functions above with the vector types, for a tile width that is a multiple of CVL
+ * (the few remaining columns of a row block take the scalar ones): gcc keeps the per-column
+ * state of the `omp simd` loops in lane arrays in memory; here it is CE_IT / CVL vectors.
+ * Same formulas and blocked sums. */
+#define CE_NV (CE_IT / CVL)
+
+static void ce_fwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const float *w,
+                                      float w_sum, float *loss, float *m_out, float *ls_out,
+                                      int64_t k, int64_t m, int64_t tw, int64_t ignore_index,
+                                      float eps) {
+    const cvf zero = {0};
+    const float ninf = -__builtin_inff();
+    const int64_t nv = tw / CVL;
+    cvf mx[CE_NV], sb[CE_NV], wb[CE_NV];
+    double se[CE_IT], swz[CE_IT];
+    for (int64_t v = 0; v < nv; ++v) mx[v] = zero + ninf;
+    for (int64_t j = 0; j < k; ++j) {
+        const float *zj = z + j * m;
+        for (int64_t v = 0; v < nv; ++v) mx[v] = cvmax(cvld(zj + v * CVL), mx[v]);
+    }
+    for (int64_t v = 0; v < nv; ++v) { /* a fully masked column: m = 0 */
+        const cvi dead = mx[v] == zero + ninf;
+        mx[v] = (cvf)((cvi)mx[v] & ~dead);
+    }
+    for (int64_t c = 0; c < tw; ++c) {
+        se[c] = 0;
+        swz[c] = 0;
+    }
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        for (int64_t v = 0; v < nv; ++v) {
+            sb[v] = zero;
+            wb[v] = zero;
+        }
+        for (int64_t j = b; j < e; ++j) {
+            const float *zj = z + j * m;
+            if (eps > 0) {
+                const float wj = w ? w[j] : 1.0f;
+                for (int64_t v = 0; v < nv; ++v) {
+                    const cvf d = cvld(zj + v * CVL) - mx[v];
+                    sb[v] += vexp(d);
+                    wb[v] += wj * d;
+                }
+            } else {
+                for (int64_t v = 0; v < nv; ++v) sb[v] += vexp(cvld(zj + v * CVL) - mx[v]);
+            }
+        }
+        for (int64_t v = 0; v < nv; ++v) {
+            float s[CVL], t[CVL];
+            memcpy(s, &sb[v], sizeof s);
+            memcpy(t, &wb[v], sizeof t);
+            for (int64_t l = 0; l < CVL; ++l) {
+                se[v * CVL + l] += s[l];
+                swz[v * CVL + l] += t[l];
+            }
+        }
+    }
+    for (int64_t v = 0; v < nv; ++v) cvst(m_out + v * CVL, mx[v]);
+    for (int64_t c = 0; c < tw; ++c) {
+        const float ls = (float)__builtin_log(se[c]), mc = m_out[c];
+        ls_out[c] = ls;
+        const int64_t y = tgt[c];
+        if (y == ignore_index) {
+            loss[c] = 0.0f;
+            continue;
+        }
+        const float wy = w ? w[y] : 1.0f;
+        float li = (1.0f - eps) * wy * (ls - (z[y * m + c] - mc));
+        if (eps > 0) li += (eps / (float)k) * (w_sum * ls - (float)swz[c]);
+        loss[c] = li;
+    }
+}
+
+static void ce_bwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const float *w,
+                                      float w_sum, const float *m_in, const float *ls_in,
+                                      const float *grad, float *out, int64_t k, int64_t m,
+                                      int64_t tw, int64_t ignore_index, float eps) {
+    const int64_t nv = tw / CVL;
+    float cfs[CE_IT], sms[CE_IT];
+    int32_t keeps[CE_IT];
+    for (int64_t c = 0; c < tw; ++c) {
+        const int64_t y = tgt[c];
+        const int valid = y != ignore_index;
+        const float g = valid ? grad[c] : 0.0f;
+        const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
+        cfs[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
+        sms[c] = g * eps / (float)k;
+        keeps[c] = valid ? -1 : 0;
+    }
+    cvf mv[CE_NV], lv[CE_NV], cf[CE_NV], sm[CE_NV];
+    cvi keep[CE_NV];
+    for (int64_t v = 0; v < nv; ++v) {
+        mv[v] = cvld(m_in + v * CVL);
+        lv[v] = cvld(ls_in + v * CVL);
+        cf[v] = cvld(cfs + v * CVL);
+        sm[v] = cvld(sms + v * CVL);
+        memcpy(&keep[v], keeps + v * CVL, sizeof keep[v]);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+        const float *zj = z + j * m;
+        float *oj = out + j * m;
+        const float wj = w ? w[j] : 1.0f;
+        for (int64_t v = 0; v < nv; ++v) {
+            const cvf r = vexp((cvld(zj + v * CVL) - mv[v]) - lv[v]) * cf[v] - sm[v] * wj;
+            cvst(oj + v * CVL, (cvf)((cvi)r & keep[v])); /* ignored rows: exactly 0 */
+        }
+    }
+    for (int64_t c = 0; c < tw; ++c) {
+        const int64_t y = tgt[c];
+        if (y == ignore_index) continue;
+        out[y * m + c] -= grad[c] * (1.0f - eps) * (w ? w[y] : 1.0f);
+    }
+}
+#endif /* SOFTJAC_VEC */
+
+/* One tile of tw columns: the vector functions on the whole vectors, the scalar ones on the
+ * rest. */
+static void ce_fwd_inner_tile(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                              float *loss, float *m_out, float *ls_out, int64_t k, int64_t m,
+                              int64_t tw, int64_t ignore_index, float eps) {
+    int64_t c0 = 0;
+#ifdef SOFTJAC_VEC
+    c0 = tw / CVL * CVL;
+    if (c0)
+        ce_fwd_inner_tile_f32_vec(z, tgt, w, w_sum, loss, m_out, ls_out, k, m, c0, ignore_index,
+                                  eps);
+#endif
+    if (c0 < tw)
+        ce_fwd_inner_tile_f32(z + c0, tgt + c0, w, w_sum, loss + c0, m_out + c0, ls_out + c0, k,
+                              m, tw - c0, ignore_index, eps);
+}
+
+static void ce_bwd_inner_tile(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                              const float *m_in, const float *ls_in, const float *grad,
+                              float *out, int64_t k, int64_t m, int64_t tw, int64_t ignore_index,
+                              float eps) {
+    int64_t c0 = 0;
+#ifdef SOFTJAC_VEC
+    c0 = tw / CVL * CVL;
+    if (c0)
+        ce_bwd_inner_tile_f32_vec(z, tgt, w, w_sum, m_in, ls_in, grad, out, k, m, c0,
+                                  ignore_index, eps);
+#endif
+    if (c0 < tw)
+        ce_bwd_inner_tile_f32(z + c0, tgt + c0, w, w_sum, m_in + c0, ls_in + c0, grad + c0,
+                              out + c0, k, m, tw - c0, ignore_index, eps);
+}
+
+int softjac_ce_fwd_inner_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                             float *loss, float *m_out, float *ls_out, int64_t nb, int64_t k,
+                             int64_t m, int64_t ignore_index, float eps, int nthreads) {
+    const int64_t tile = ce_inner_tile(k, m);
+    const int64_t per_b = (m + tile - 1) / tile, ntask = nb * per_b;
+    nthreads = clamp_threads(nthreads, ntask, k * tile);
+    _Pragma("omp parallel for schedule(guided) num_threads(nthreads) if (nthreads > 1)")
+    for (int64_t task = 0; task < ntask; ++task) {
+        const int64_t i = task / per_b, c0 = (task % per_b) * tile;
+        const int64_t tw = m - c0 < tile ? m - c0 : tile;
+        const int64_t r = i * m + c0;
+        ce_fwd_inner_tile(z + i * k * m + c0, tgt + r, w, w_sum, loss + r, m_out + r, ls_out + r,
+                          k, m, tw, ignore_index, eps);
+    }
+    return 0;
+}
+
+int softjac_ce_bwd_inner_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                             const float *m_in, const float *ls_in, const float *grad, float *out,
+                             int64_t nb, int64_t k, int64_t m, int64_t ignore_index, float eps,
+                             int nthreads) {
+    const int64_t tile = ce_inner_tile(k, m);
+    const int64_t per_b = (m + tile - 1) / tile, ntask = nb * per_b;
+    nthreads = clamp_threads(nthreads, ntask, k * tile);
+    advise_huge(out, nb * k * m * (int64_t)sizeof(float));
+    _Pragma("omp parallel for schedule(guided) num_threads(nthreads) if (nthreads > 1)")
+    for (int64_t task = 0; task < ntask; ++task) {
+        const int64_t i = task / per_b, c0 = (task % per_b) * tile;
+        const int64_t tw = m - c0 < tile ? m - c0 : tile;
+        const int64_t r = i * m + c0, off = i * k * m + c0;
+        ce_bwd_inner_tile(z + off, tgt + r, w, w_sum, m_in + r, ls_in + r, grad + r, out + off, k,
+                          m, tw, ignore_index, eps);
+    }
+    return 0;
+}
