@@ -52,3 +52,56 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(wc.grad, we.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(wc.grad, wr.grad, atol=1e-5, rtol=1e-5)
+
+
+def _capture(graphs):
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run the captured graph as it is
+
+    return backend
+
+
+def _softjac_targets(graphs):
+    return {
+        str(node.target)
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("softjac.")
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_compiled_graph_keeps_the_softjac_ops(backend):
+    """softmax, vjp, jvp, vjp_from_probs and jacobian under ``torch.compile(fullgraph=True)``:
+    the captured graph calls ``torch.ops.softjac.*`` (the kernels stay in the graph) and the
+    values and gradients equal eager mode."""
+    if backend == "cpu" and not softjac.kernels._cpu.available():
+        pytest.skip("C kernels unavailable")
+    torch._dynamo.reset()
+
+    def f(z, v):
+        p = softjac.softmax(z, dim=0, temperature=0.5, backend=backend)
+        a = softjac.vjp(z, v, backend=backend)
+        b = softjac.jvp(z, v, backend=backend)
+        c = softjac.vjp_from_probs(p, v, dim=0, backend=backend)
+        j = softjac.jacobian(z, backend=backend)
+        return (p * v).sum() + a.square().sum() + b.sum() + c.square().sum() + j.square().sum()
+
+    graphs = []
+    compiled = torch.compile(f, backend=_capture(graphs), fullgraph=True)
+    z = torch.randn(4, 6, dtype=torch.float64)
+    v = torch.randn(4, 6, dtype=torch.float64)
+    zc, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
+    out = compiled(zc, v)
+    (gc,) = torch.autograd.grad(out, zc)
+    eager = f(ze, v)
+    (ge,) = torch.autograd.grad(eager, ze)
+    torch.testing.assert_close(out, eager, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gc, ge, atol=1e-12, rtol=1e-12)
+    assert {
+        "softjac.softmax.default",
+        "softjac.softmax_vjp.default",
+        "softjac.softmax_vjp_logits.default",
+        "softjac.jacobian_logits.default",
+    } <= _softjac_targets(graphs)

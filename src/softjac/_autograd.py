@@ -2,25 +2,39 @@
 
 Every Function here is in the ``torch.func``-ready form (``forward`` without ctx,
 ``setup_context``, ``backward``, ``jvp`` and an explicit ``vmap`` rule), so it works under
-``torch.autograd``, forward-mode AD, ``torch.func`` (grad, vjp, jvp, vmap, jacrev, jacfwd,
-hessian) and ``torch.compile``. All of them work on tensors whose class dimension is the
+``torch.autograd``, forward-mode AD (dual tensors included) and ``torch.func`` (grad, vjp, jvp,
+vmap, jacrev, jacfwd, hessian). All of them work on tensors whose class dimension is the
 *last* one; ``dim``, masks and temperature are handled by the callers with ordinary
 (differentiable) torch ops.
 
-The Functions and what they compute (``σ = softmax(z)``, ``J = diag(σ) − σσᵀ``):
+Three ways to the same kernels (``softjac.kernels.dispatch`` decides which kernel, always):
+
+* nothing to record (no input requires grad with grad mode on, no dual tensor, plain tensors):
+  the ``dispatch.run_*`` call directly, with no autograd bookkeeping;
+* ``torch.compile`` tracing: the registered ops ``torch.ops.softjac.*``
+  (``softjac.kernels._ops``: fake implementations, registered autograd), which stay nodes of
+  the graph — Dynamo cannot trace a Function that defines ``jvp``;
+* otherwise: the Functions below, whose ``forward`` calls the same ``run_*`` function.
+
+The entry points are :func:`softmax_last`, :func:`vjp_probs`, :func:`vjp_logits` and
+:func:`jacobian_logits`. The Functions and what they compute (``σ = softmax(z)``,
+``J = diag(σ) − σσᵀ``):
 
 * :class:`SoftmaxLast` ``z ↦ σ``. Saves only σ. Backward and JVP are the same product
   ``J u = σ ⊙ (u − ⟨σ, u⟩)`` (J is symmetric), evaluated by :class:`SoftmaxVJP`.
-* :class:`SoftmaxVJP` ``(σ, v) ↦ J(σ) v`` through ``dispatch.softmax_vjp`` (the accurate O(K)
-  kernel). It is its own Function so that the backward of softmax is differentiable in closed
-  form: with ``u = σ ⊙ v − σ ⟨σ, v⟩``,
+* :class:`SoftmaxVJP` ``(σ, v) ↦ J(σ) v``, its own Function so that the backward of softmax
+  is differentiable in closed form: with ``u = σ ⊙ v − σ ⟨σ, v⟩``,
 
   - ``∂⟨g, u⟩/∂v = J g`` (again a :class:`SoftmaxVJP`, so every order works),
   - ``∂⟨g, u⟩/∂σ = g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩``.
 
   Autograd chains the σ-part through σ's own graph node (``J``), which gives the second
-  derivative ``∂²σ_i/∂z_j∂z_k`` of ``shared/MATH.md`` without ever forming it. A plain
-  backward (grad mode off, i.e. no ``create_graph``) calls the kernel directly instead.
+  derivative ``∂²σ_i/∂z_j∂z_k`` (``docs/math.md``) without ever forming it. A plain backward
+  (grad mode off, i.e. no ``create_graph``) calls the kernel directly instead.
+* :class:`VJPLogits` ``(z, v) ↦ J(σ(z)) v`` exactly from logits (σ never rounded on its own):
+  ``∂/∂v = J g``, ``∂/∂z = J (g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩)``.
+* :class:`JacobianLogits` ``z ↦ J`` (dense, exactly from logits):
+  ``∂⟨G, J⟩/∂z = J (diag(G) − (G + Gᵀ) σ)``; tangent ``diag(dσ) − dσ σᵀ − σ dσᵀ``.
 * :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, m_n, ls_n)`` per row through
   ``dispatch.cross_entropy_forward(..., stats=True)`` (float32 math, float64 for float64
   logits; unreduced, the reduction is done by the caller with torch ops; ``lse = m + ls`` is
@@ -40,25 +54,36 @@ vmap: each Function has an explicit rule instead of ``generate_vmap_rule=True``,
 kernels behind ``dispatch`` (Triton, C) cannot run on batched tensors. The rules move the
 vmapped dimension to the front (softmax: the class dimension stays last, so a leading batch
 dimension is just more rows) or flatten it into the rows (cross-entropy) and call the same
-Function once on the physical tensors.
+entry point once on the physical tensors.
+
+Call overhead: ``Function.apply`` binds its arguments to ``forward``'s signature on every
+call; each ``forward`` here carries a precomputed ``__signature__`` so that binding does not
+re-inspect the function.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-import torch.autograd.forward_ad as _fw_ad
 
 from softjac import _core
 from softjac._checks import as_float_dtype
-from softjac.kernels import dispatch
+from softjac.kernels import _ops, dispatch
 
 __all__ = [
     "CrossEntropyBackward",
     "CrossEntropyRows",
+    "JacobianLogits",
     "SoftmaxLast",
     "SoftmaxVJP",
+    "VJPLogits",
     "cross_entropy_rows",
+    "jacobian_logits",
+    "softmax_last",
     "softmax_last_autograd",
+    "vjp_logits",
+    "vjp_probs",
 ]
 
 
@@ -84,11 +109,26 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1, keepdim=True)
 
 
+def _fixed_signature(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Store ``inspect.signature(cls.forward)`` on the function (``__signature__``), which
+    ``Function.apply``'s per-call argument binding then reads instead of re-inspecting."""
+    fwd = cls.__dict__["forward"].__func__
+    fwd.__signature__ = inspect.signature(fwd)
+    return cls
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether no autograd mode, transform or compiler must see a computation on
+    ``tensors`` (then the kernel runs directly, without a Function)."""
+    return not _compiling() and not dispatch.graph_needs(*tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # softmax
 # --------------------------------------------------------------------------------------------
 
 
+@_fixed_signature
 class SoftmaxVJP(torch.autograd.Function):
     """``u = J(σ) v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim; O(K) per row, J never formed.
 
@@ -99,7 +139,7 @@ class SoftmaxVJP(torch.autograd.Function):
 
     @staticmethod
     def forward(p: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-        return dispatch.softmax_vjp(p, v.to(p.dtype), backend=backend)
+        return dispatch.run_softmax_vjp(p, v.to(p.dtype), backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -113,7 +153,7 @@ class SoftmaxVJP(torch.autograd.Function):
         p, v = ctx.saved_tensors
         gp = gv = None
         if ctx.needs_input_grad[1]:
-            gv = _apply_vjp(p, gu, ctx.backend).to(v.dtype)
+            gv = vjp_probs(p, gu, ctx.backend).to(v.dtype)
         if ctx.needs_input_grad[0]:
             pc, vc, gc = _up(p), _up(v), _up(gu)
             gp = (gc * (vc - _dot(pc, vc)) - vc * _dot(gc, pc)).to(p.dtype)
@@ -124,7 +164,7 @@ class SoftmaxVJP(torch.autograd.Function):
         p, v = ctx.saved_tensors
         out = None
         if dv is not None:
-            out = _apply_vjp(p, dv, ctx.backend)
+            out = vjp_probs(p, dv, ctx.backend)
         if dp is not None:
             pc, vc, dpc = _up(p), _up(v), _up(dp)
             extra = (dpc * (vc - _dot(pc, vc)) - pc * _dot(dpc, vc)).to(p.dtype)
@@ -137,9 +177,10 @@ class SoftmaxVJP(torch.autograd.Function):
     def vmap(info, in_dims, p, v, backend):
         pd, vd, _ = in_dims
         size = info.batch_size
-        return _apply_vjp(_batched(p, pd, size), _batched(v, vd, size), backend), 0
+        return vjp_probs(_batched(p, pd, size), _batched(v, vd, size), backend), 0
 
 
+@_fixed_signature
 class SoftmaxLast(torch.autograd.Function):
     """``σ(z) = exp(z − lse(z))`` over the last dim; masked (−inf) entries give 0 and a fully
     masked row gives zeros (and a zero gradient), never NaN. O(K) per row.
@@ -149,26 +190,7 @@ class SoftmaxLast(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
-        # the C kernel on CPU (float32/half), PyTorch's fused softmax with the fully masked
-        # rows set to 0 elsewhere (``dispatch.softmax``)
-        return dispatch.softmax(z, backend=backend)
-
-    @classmethod
-    def apply(cls, z: torch.Tensor, backend: str) -> torch.Tensor:  # type: ignore[override]
-        # Nothing can differentiate through this call (no grad needed, no forward-mode dual
-        # level open, no torch.func transform, no torch.compile tracing, a plain tensor and no
-        # torch function mode): run forward directly. Function.apply costs ~50 µs per call on
-        # CPU (argument binding through inspect.signature, the C++ node) for nothing there.
-        if (
-            type(z) is torch.Tensor
-            and not (z.requires_grad and torch.is_grad_enabled())
-            and _fw_ad._current_level < 0
-            and not torch._C._are_functorch_transforms_active()
-            and not torch._C._is_torch_function_mode_enabled()
-            and not _compiling()
-        ):
-            return cls.forward(z, backend)
-        return _apply_positional(cls, (z, backend), 2)
+        return dispatch.run_softmax(z, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -179,57 +201,170 @@ class SoftmaxLast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        if not torch.is_grad_enabled():
-            # plain backward (no create_graph): nothing will differentiate this product, so
-            # call the kernel directly and skip the Function's bookkeeping
-            return dispatch.softmax_vjp(p, g.to(p.dtype), backend=ctx.backend), None
-        return _apply_vjp(p, g, ctx.backend), None
+        return vjp_probs(p, g, ctx.backend), None
 
     @staticmethod
     def jvp(ctx, dz, _):
         (p,) = ctx.saved_tensors
-        return _apply_vjp(p, dz, ctx.backend)
+        return vjp_probs(p, dz, ctx.backend)
 
     @staticmethod
     def vmap(info, in_dims, z, backend):
-        return _apply_softmax(_batched(z, in_dims[0], info.batch_size), backend), 0
+        return softmax_last(_batched(z, in_dims[0], info.batch_size), backend), 0
+
+
+@_fixed_signature
+class VJPLogits(torch.autograd.Function):
+    """``u = J(σ(z)) v`` over the last dim exactly from logits (σ never rounded on its own);
+    O(K) per row. Output in ``z``'s dtype; differentiable in ``z`` and ``v`` to any order."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+        return dispatch.run_softmax_vjp_logits(z, v, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, v, backend = inputs
+        ctx.backend = backend
+        ctx.save_for_backward(z, v)
+        ctx.save_for_forward(z, v)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, v = ctx.saved_tensors
+        gz = gv = None
+        if ctx.needs_input_grad[1]:
+            gv = vjp_logits(z, g, ctx.backend).to(v.dtype)
+        if ctx.needs_input_grad[0]:
+            p, vc, gc = _up(softmax_last(z, ctx.backend)), _up(v), _up(g)
+            a = gc * (vc - _dot(p, vc)) - vc * _dot(gc, p)
+            gz = vjp_logits(z, a, ctx.backend)
+        return gz, gv, None
+
+    @staticmethod
+    def jvp(ctx, dz, dv, _):
+        z, v = ctx.saved_tensors
+        out = None
+        if dv is not None:
+            out = vjp_logits(z, dv, ctx.backend)
+        if dz is not None:
+            p, vc = _up(softmax_last(z, ctx.backend)), _up(v)
+            dp = _up(vjp_logits(z, dz, ctx.backend))
+            extra = (dp * (vc - _dot(p, vc)) - p * _dot(dp, vc)).to(z.dtype)
+            out = extra if out is None else out + extra
+        if out is None:
+            out = torch.zeros_like(z)
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, z, v, backend):
+        zd, vd, _ = in_dims
+        size = info.batch_size
+        return vjp_logits(_batched(z, zd, size), _batched(v, vd, size), backend), 0
+
+
+@_fixed_signature
+class JacobianLogits(torch.autograd.Function):
+    """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` exactly from logits; O(K²) per
+    row. Output in ``z``'s dtype; differentiable to any order."""
+
+    @staticmethod
+    def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
+        return dispatch.run_jacobian_logits(z, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.backend = inputs[1]
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, gj):
+        (z,) = ctx.saved_tensors
+        p, g = _up(softmax_last(z, ctx.backend)), _up(gj)
+        a = g.diagonal(dim1=-2, dim2=-1) - ((g + g.mT) @ p.unsqueeze(-1)).squeeze(-1)
+        return vjp_logits(z, a, ctx.backend), None
+
+    @staticmethod
+    def jvp(ctx, dz, _):
+        (z,) = ctx.saved_tensors
+        p = _up(softmax_last(z, ctx.backend))
+        dp = _up(vjp_logits(z, dz, ctx.backend))
+        outer = dp.unsqueeze(-1) * p.unsqueeze(-2)
+        return (torch.diag_embed(dp) - outer - outer.mT).to(z.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, z, backend):
+        return jacobian_logits(_batched(z, in_dims[0], info.batch_size), backend), 0
+
+
+def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Differentiable ``σ = softmax(z)`` over the last dim (``backend`` already checked): the
+    kernel directly, the registered op under ``torch.compile``, else :class:`SoftmaxLast`."""
+    if _compiling():
+        return _ops.softmax(z, backend)
+    if _plain(z):
+        return dispatch.run_softmax(z, backend)
+    return SoftmaxLast.apply(z, backend)
+
+
+def vjp_probs(p: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Differentiable ``J(σ) v`` with ``σ = p`` (last dim), in ``p``'s dtype."""
+    if _compiling():
+        return _ops.softmax_vjp(p, v.to(p.dtype), backend)
+    if _plain(p, v):
+        return dispatch.run_softmax_vjp(p, v, backend)
+    return SoftmaxVJP.apply(p, v, backend)
+
+
+def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Differentiable exact ``J(σ(z)) v`` from logits (last dim), in ``z``'s dtype."""
+    v = v.to(z.dtype)
+    if _compiling():
+        return _ops.softmax_vjp_logits(z, v, backend)
+    if _plain(z, v):
+        return dispatch.run_softmax_vjp_logits(z, v, backend)
+    return VJPLogits.apply(z, v, backend)
+
+
+def jacobian_logits(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Differentiable exact dense ``diag(σ) − σσᵀ`` from logits (last dim), in ``z``'s dtype."""
+    if _compiling():
+        return _ops.jacobian_logits(z, backend)
+    if _plain(z):
+        return dispatch.run_jacobian_logits(z, backend)
+    return JacobianLogits.apply(z, backend)
 
 
 def softmax_last_autograd(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable ``σ = softmax(z)`` over the last dim of already masked/scaled logits.
 
     ``σ_i = exp(z_i − lse(z))``, computed in at least float32 and returned in ``z``'s dtype.
-    Backward is the O(K) product ``σ ⊙ (g − ⟨g, σ⟩)`` through ``dispatch.softmax_vjp``;
-    forward mode, double backward and every ``torch.func`` transform work (see
-    :class:`SoftmaxLast`). A fully masked row (all −inf) gives zeros and a zero gradient.
+    Backward is the O(K) product ``σ ⊙ (g − ⟨g, σ⟩)`` (the kernel ``dispatch`` picks for
+    ``backend``); forward mode, double backward, every ``torch.func`` transform and
+    ``torch.compile`` work (see :class:`SoftmaxLast`). A fully masked row (all −inf) gives
+    zeros and a zero gradient.
 
     Args:
         z: floating tensor, classes on the last dim (−inf = masked).
-        backend: kernel choice for the products, ``"auto" | "torch" | "triton" | "cpu"``.
+        backend: kernel choice, ``"auto" | "torch" | "triton" | "cpu"``.
 
     Returns:
         σ with the shape and dtype of ``z``. Cost O(K) per row, forward and backward; the
         only tensor kept for backward is σ.
     """
     dispatch.check_backend("softjac.softmax", backend)
-    return _apply_softmax(z, backend)
+    return softmax_last(z, backend)
+
+
+# Names the cross-entropy Functions use.
+_apply_softmax = softmax_last
+_apply_vjp = vjp_probs
 
 
 # --------------------------------------------------------------------------------------------
 # cross-entropy (class-index targets, 2-D logits)
 # --------------------------------------------------------------------------------------------
-
-
-def _apply_positional(cls, args, nargs):
-    """``Function.apply`` without its per-call ``inspect.signature`` binding (~20-40 µs on CPU)
-    when every argument is given positionally (as all callers here do) and no torch.func
-    transform is active; otherwise (or under torch.compile) the plain path. The dead-wrapper
-    unwrapping of ``Function.apply`` is kept (the arguments are flat)."""
-    if len(args) != nargs or torch._C._are_functorch_transforms_active() or _compiling():
-        return torch.autograd.Function.apply.__func__(cls, *args)
-    unwrap = torch._C._functorch.unwrap_if_dead
-    args = tuple(unwrap(a) if isinstance(a, torch.Tensor) else a for a in args)
-    return super(torch.autograd.Function, cls).apply(*args)
 
 
 def _ce_rows(x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +384,7 @@ def _merge2(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor
     return None if x is None else x.reshape(-1, *x.shape[2:])
 
 
+@_fixed_signature
 class CrossEntropyBackward(torch.autograd.Function):
     """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
 
@@ -268,10 +404,6 @@ class CrossEntropyBackward(torch.autograd.Function):
             logits, target, (m, ls), grad_rows, weight, ignore_index, eps, inplace=False,
             backend=backend,
         )  # fmt: skip
-
-    @classmethod
-    def apply(cls, *args):  # type: ignore[override]
-        return _apply_positional(cls, args, 9)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -340,6 +472,7 @@ class CrossEntropyBackward(torch.autograd.Function):
         return out.reshape(z.shape), 0
 
 
+@_fixed_signature
 class CrossEntropyRows(torch.autograd.Function):
     """Per-row cross-entropy ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) +
     (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (exactly 0 for ignored rows), float32 (float64 for
@@ -359,10 +492,6 @@ class CrossEntropyRows(torch.autograd.Function):
             logits, target, weight, ignore_index, eps, backend=backend, stats=True
         )
         return loss, m, ls
-
-    @classmethod
-    def apply(cls, *args):  # type: ignore[override]
-        return _apply_positional(cls, args, 6)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -439,41 +568,18 @@ def cross_entropy_rows(
 _NO_JVP = staticmethod(torch.autograd.Function.jvp)
 
 
-class _SoftmaxVJPCompiled(SoftmaxVJP):
-    jvp = _NO_JVP
-
-
-class _SoftmaxLastCompiled(SoftmaxLast):
-    jvp = _NO_JVP
-    apply = torch.autograd.Function.__dict__["apply"]  # the plain one, for dynamo
-
-
 class _CrossEntropyBackwardCompiled(CrossEntropyBackward):
     jvp = _NO_JVP
-    apply = torch.autograd.Function.__dict__["apply"]  # the plain one, for dynamo
 
 
 class _CrossEntropyRowsCompiled(CrossEntropyRows):
     jvp = _NO_JVP
-    apply = torch.autograd.Function.__dict__["apply"]
 
 
 def _traceable(backend: str) -> str:
     # Under compilation "auto" means the torch implementation: Inductor fuses it, and a kernel
     # called through ctypes or a Triton launcher would break the graph.
     return "torch" if backend == "auto" else backend
-
-
-def _apply_vjp(p, v, backend):
-    if _compiling():
-        return _SoftmaxVJPCompiled.apply(p, v, _traceable(backend))
-    return _apply_positional(SoftmaxVJP, (p, v, backend), 3)
-
-
-def _apply_softmax(z, backend):
-    if _compiling():
-        return _SoftmaxLastCompiled.apply(z, _traceable(backend))
-    return SoftmaxLast.apply(z, backend)
 
 
 def _apply_ce_backward(*args):

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from softjac import _core
-from softjac._autograd import softmax_last_autograd
+from softjac import _autograd, _core
 from softjac._checks import (
     as_float_dtype,
     check_logits,
@@ -62,16 +61,6 @@ def _prepare(
     return _core.masked_scaled_logits(z, m, t), d, t
 
 
-def _use_kernel(fn: str, backend: str, z: torch.Tensor) -> bool:
-    """Whether a logits-based product goes to ``softjac.kernels`` rather than the
-    unrounded-σ path of ``_core`` (which gives the correctly rounded golden values): only
-    when a kernel backend is named, or for float32/half on CUDA under ``"auto"``."""
-    dispatch.check_backend(fn, backend)
-    return backend in ("triton", "cpu") or (
-        backend == "auto" and z.is_cuda and z.dtype != torch.float64
-    )
-
-
 def _probs_last(fn, logits, dim, mask, temperature):
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
     return _core.softmax_last(z), d, t
@@ -113,13 +102,17 @@ def softmax(
             masked too. A fully masked slice gives zeros and a zero gradient (``torch.softmax``
             gives NaN, pytorch issue 41508).
         temperature: T > 0.
-        backend: ``"auto" | "torch" | "triton" | "cpu"`` for the backward product.
+        backend: ``"auto" | "torch" | "triton" | "cpu"`` (``softjac.kernels.info()`` says
+            what ``"auto"`` picks); forward and backward run that backend's kernels, and every
+            backend records for autograd.
 
     Returns:
         σ with the shape, dtype and device of ``logits``. Cost O(K) per slice.
     """
-    z, d, _ = _prepare("softjac.softmax", logits, dim, mask, temperature)
-    return _core.from_last(softmax_last_autograd(z, backend).to(logits.dtype), d)
+    fn = "softjac.softmax"
+    dispatch.check_backend(fn, backend)
+    z, d, _ = _prepare(fn, logits, dim, mask, temperature)
+    return _core.from_last(_autograd.softmax_last(z, backend).to(logits.dtype), d)
 
 
 def jacobian(
@@ -142,12 +135,10 @@ def jacobian(
         output would exceed ``max_bytes`` (default 4 GiB).
     """
     fn = "softjac.jacobian"
+    dispatch.check_backend(fn, backend)
     z, _, t = _prepare(fn, logits, dim, mask, temperature)
     _check_dense_size(fn, z.shape[:-1], z.shape[-1], logits.dtype, max_bytes)
-    if _use_kernel(fn, backend, logits):
-        jac = dispatch.softmax_jacobian_dense(_core.softmax_last(z), backend=backend)
-    else:
-        jac = _core.jacobian_logits_last(z)
+    jac = _autograd.jacobian_logits(z, backend)
     if t != 1.0:
         jac = jac / t
     return jac.to(logits.dtype)
@@ -200,14 +191,10 @@ def vjp(
 
 def _jacobian_product(fn, logits, v, dim, mask, temperature, backend):
     """``J v / T`` along ``dim`` for :func:`vjp` and :func:`jvp` (``fn`` names the caller)."""
+    dispatch.check_backend(fn, backend)
     z, d, t = _prepare(fn, logits, dim, mask, temperature)
     check_same_shape(fn, "v", v, "logits", logits)
-    v_last = _core.to_last(v, d)
-    if _use_kernel(fn, backend, logits):
-        lse = _core.logsumexp_last(z)
-        out = dispatch.softmax_vjp_from_logits(z, lse, v_last, backend=backend)
-    else:
-        out = _core.vjp_logits_last(z, v_last.to(z.dtype))
+    out = _autograd.vjp_logits(z, _core.to_last(v, d), backend)
     if t != 1.0:
         out = out / t
     return _core.from_last(out.to(logits.dtype), d)
@@ -239,9 +226,10 @@ def vjp_from_probs(
     (that would need a device synchronisation); pass what ``softmax`` returned.
     """
     fn = "softjac.vjp_from_probs"
+    dispatch.check_backend(fn, backend)
     d = check_logits(fn, probs, dim, name="probs")
     check_same_shape(fn, "v", v, "probs", probs)
-    out = dispatch.softmax_vjp(_core.to_last(probs, d), _core.to_last(v, d), backend=backend)
+    out = _autograd.vjp_probs(_core.to_last(probs, d), _core.to_last(v, d), backend)
     return _core.from_last(out, d)
 
 

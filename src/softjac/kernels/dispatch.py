@@ -16,14 +16,25 @@ Backends:
   ``softjac.kernels._cpu`` (compiled at first use; needs a C compiler), and so does
   ``softmax_jacobian_dense`` (the C writer); float64 cross-entropy has no C kernel and runs
   the PyTorch implementation on the CPU.
-* ``"auto"``: CUDA tensors of float16/bfloat16/float32 with triton installed → ``"triton"``;
-  CPU tensors → the C kernel where there is one for the op and dtype and it compiled (float64
-  included: the VJP kernel meets the same float64 accuracy tests as ``softjac._core``), else
-  ``"torch"``; everything else → ``"torch"``. It also stays on ``"torch"`` where the kernels
-  cannot or must not see the data: inputs that require grad while grad mode is on (autograd
-  must record the ops), tensors inside ``torch.func`` transforms (no storage), tensor
-  subclasses and ``torch.compile`` tracing. Never imports triton unless it is installed and
-  will be used.
+* ``"auto"``: CUDA tensors of float16/bfloat16/float32 with triton installed → ``"triton"``
+  for the ops that have a Triton kernel; CPU tensors → the C kernel where there is one for
+  the op and dtype and it compiled (float64 included: the VJP kernel meets the same float64
+  accuracy tests as ``softjac._core``), else ``"torch"``; empty inputs, a softmax whose class
+  dim is not innermost, and everything else → ``"torch"``. It also stays on ``"torch"`` where
+  the kernels cannot see the data (tensors inside ``torch.func`` transforms, tensor
+  subclasses, ``torch.compile`` tracing). :func:`info` lists the choice and the reason per op.
+  Never imports triton unless it is installed and will be used.
+
+Recording (every backend; "no derivative dropped"): ``run_*`` functions compute on plain
+tensors and record nothing; they are what the registered ops (``softjac.kernels._ops``,
+``torch.ops.softjac.*``) and the autograd Functions (``softjac._autograd``) call. The other
+entry points here (``softmax``, ``softmax_vjp``, ``softmax_vjp_logits``,
+``softmax_jacobian_dense``, ``jacobian_logits``) call the kernel directly when nothing needs
+a graph, the registered op (with its autograd) when an input requires grad or under
+``torch.compile``, and for forward-mode dual tensors or ``torch.func`` wrappers the PyTorch
+code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an explicit kernel
+backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
+same code whatever the entry point.
 
 Layouts: rows addressed through a row stride need no copy in any backend (row slices,
 batch-transposed inputs). A class dim that is not the innermost one (``vjp_from_probs(...,
@@ -68,7 +79,10 @@ import warnings
 from typing import TYPE_CHECKING
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 
+from softjac import _core
+from softjac._checks import as_float_dtype
 from softjac.kernels import _cpu, _torch
 
 if TYPE_CHECKING:
@@ -76,30 +90,76 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "OPS",
     "check_backend",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "graph_needs",
+    "info",
+    "jacobian_logits",
     "resolve_backend",
+    "run_jacobian_logits",
+    "run_softmax",
+    "run_softmax_jacobian",
+    "run_softmax_vjp",
+    "run_softmax_vjp_from_logits",
+    "run_softmax_vjp_logits",
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
+    "softmax_vjp_logits",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Ops with a C kernel (for these dtypes); the others run the PyTorch code under backend="cpu".
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Ops with a C kernel (for these dtypes); the others run the PyTorch code under backend="cpu".
 _C_OPS = {
     "softmax": _cpu.CE_DTYPES,
+    "softmax_jacobian": _ALL,
     "softmax_jacobian_dense": _ALL,
+    "jacobian_logits": _ALL,
     "softmax_vjp": _ALL,
+    "softmax_vjp_logits": _ALL,
     "softmax_vjp_from_logits": _ALL,
     "cross_entropy_forward": _cpu.CE_DTYPES,
     "cross_entropy_backward": _cpu.CE_DTYPES,
     "cross_entropy_forward_inner": (torch.float32,),
     "cross_entropy_backward_inner": (torch.float32,),
 }
+# Ops with a Triton kernel (on CUDA, ``"auto"`` picks it for float16/bfloat16/float32).
+_TRITON_OPS = frozenset(
+    {
+        "softmax_vjp",
+        "softmax_vjp_logits",
+        "softmax_vjp_from_logits",
+        "softmax_jacobian",
+        "softmax_jacobian_dense",
+        "jacobian_logits",
+        "cross_entropy_forward",
+        "cross_entropy_backward",
+    }
+)
+# The exact from-logits C entry points (σ never rounded on its own). Until they exist,
+# "auto" keeps these two ops on the exact PyTorch path and an explicit "cpu" runs the C
+# kernels on rounded probabilities.
+_EXACT_C = {"softmax_vjp_logits": "softmax_vjp_logits", "jacobian_logits": "jacobian_logits"}
+# Public op names and what ``info()`` reports them as.
+OPS = (
+    "softmax",
+    "softmax_vjp",
+    "softmax_vjp_logits",
+    "softmax_jacobian",
+    "jacobian_logits",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+)
+
+
+def _has_exact_c(op: str) -> bool:
+    name = _EXACT_C.get(op)
+    return name is None or hasattr(_cpu, name)
 
 
 # Set when a Triton kernel failed to compile or launch under "auto": the rest of the process
@@ -145,15 +205,46 @@ def _triton_module() -> ModuleType:
     return _triton
 
 
+def _has_storage(x: torch.Tensor) -> bool:
+    """False for tensors without memory of their own (the wrappers of ``torch.func``
+    transforms: ``vmap``, ``grad``, ``jvp`` …), whose storage cannot be accessed."""
+    try:
+        x.untyped_storage()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def _opaque(x: torch.Tensor) -> str:
     """Why the kernels cannot take ``x`` (they need its memory), or ``""`` when they can."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         return f"a tensor subclass ({type(x).__name__})"
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or not torch._C._has_storage(x):
+    if not _has_storage(x):
         return "a tensor without storage (inside vmap or another torch.func transform)"
     return ""
+
+
+def graph_needs(*tensors: torch.Tensor | None) -> str:
+    """What must see a computation on ``tensors`` besides its value: ``"transform"`` (a
+    ``torch.func`` wrapper or a tensor subclass), ``"forward"`` (a forward-mode dual tensor),
+    ``"reverse"`` (a tensor that requires grad while grad mode is on), or ``""`` (nothing:
+    a kernel may run on the memory directly). The first two take precedence."""
+    grad = torch.is_grad_enabled()
+    need = ""
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+            return "transform"
+        if not _has_storage(t):
+            return "transform"
+        if _fw_ad.unpack_dual(t).tangent is not None:
+            return "forward"
+        if grad and t.requires_grad:
+            need = "reverse"
+    return need
 
 
 def check_backend(fn: str, backend: object) -> None:
@@ -162,40 +253,70 @@ def check_backend(fn: str, backend: object) -> None:
         raise ValueError(f"`{fn}`: `backend` must be one of {BACKENDS}. Got {backend!r}.")
 
 
-def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
-    """The concrete backend (``"torch"``, ``"triton"`` or ``"cpu"``) for ``op`` on ``x``.
+def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
+    """``"auto"``'s choice for ``op`` on ``x`` and why (never raises)."""
+    dev = x.device.type
+    if x.numel() == 0:
+        return "torch", "empty input"
+    if dev == "cuda":
+        if op not in _TRITON_OPS:
+            return "torch", "no Triton kernel for this op (PyTorch's fused CUDA kernel)"
+        if x.dtype not in _TRITON_DTYPES:
+            return "torch", f"no Triton kernel for {x.dtype}"
+        if _triton_failure is not None:
+            return "torch", f"a Triton kernel failed earlier ({_triton_failure})"
+        if not _triton_installed():
+            return "torch", "triton is not installed"
+        return "triton", "CUDA tensor, Triton kernel"
+    if dev != "cpu":
+        return "torch", f"no kernel for device {dev}"
+    if not _has_c_kernel(op, x):
+        return "torch", f"no C kernel for {x.dtype}"
+    if not _has_exact_c(op):
+        return "torch", "the exact from-logits C kernel is not built (exact PyTorch path)"
+    if op == "softmax" and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+        return "torch", "class dim not innermost (the C kernel would copy; torch reads it in place)"
+    if not _cpu.available():
+        return "torch", f"C kernels unavailable: {_cpu.unavailable_reason()}"
+    return "cpu", "CPU tensor, C kernel"
 
-    ``fn`` is the public name used in error messages; ``others`` are further tensor inputs.
-    ``"auto"`` never raises and keeps to ``"torch"`` where autograd must see the computation
-    (inputs that require grad with grad mode on), inside ``torch.func`` transforms and
-    ``torch.compile``; an explicit backend that cannot run raises ``RuntimeError``.
+
+def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
+    """The concrete backend (``"torch"``, ``"triton"`` or ``"cpu"``) for a raw kernel call of
+    ``op`` on ``x`` that nothing records: like :func:`_resolve`, and ``"auto"`` also keeps to
+    ``"torch"`` where autograd must see the computation (inputs that require grad with grad
+    mode on, dual tensors). ``fn`` is the public name used in error messages; ``others`` are
+    further tensor inputs."""
+    if backend == "auto" and graph_needs(x, *others):
+        return "torch"
+    return _resolve(fn, backend, x, op, *others)
+
+
+def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
+    """The one place where softjac picks an implementation for ``op`` on ``x``.
+
+    ``"auto"`` never raises: it looks at the device, dtype and shape (see :func:`info`) and
+    keeps to ``"torch"`` where a kernel cannot see the memory (``torch.func`` wrappers,
+    tensor subclasses, ``torch.compile`` tracing); an explicit backend that cannot run raises
+    ``RuntimeError``. Recording for autograd is not decided here: the callers run it inside
+    the registered ops or ``softjac._autograd``'s Functions (see :func:`graph_needs`).
     """
     check_backend(fn, backend)
-    dev = x.device.type
-    if backend in ("triton", "cpu"):
-        for t in (x, *others):
-            why = _opaque(t)
-            if why:
-                raise RuntimeError(
-                    f"`{fn}`: backend {backend!r} needs plain tensors with memory. Got {why}; "
-                    "use backend='auto' or 'torch' there."
-                )
+    if backend == "torch":
+        return "torch"
+    tensors = (x, *others)
     if backend == "auto":
-        tensors = (x, *others)
         if any(_opaque(t) for t in tensors):
             return "torch"
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return "torch"
-        if (
-            dev == "cuda"
-            and x.dtype in _TRITON_DTYPES
-            and _triton_failure is None
-            and _triton_installed()
-        ):
-            return "triton"
-        if dev == "cpu" and _has_c_kernel(op, x) and _cpu.available():
-            return "cpu"
-        return "torch"
+        return _auto(op, x)[0]
+    for t in tensors:
+        why = _opaque(t)
+        if why:
+            raise RuntimeError(
+                f"`{fn}`: backend {backend!r} needs plain tensors with memory. Got {why}; "
+                "use backend='auto' or 'torch' there."
+            )
+    dev = x.device.type
     if backend == "triton":
         if not _triton_installed():
             raise RuntimeError(
@@ -208,31 +329,57 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
                 f"Got device {x.device}."
             )
         return "triton"
-    if backend == "cpu":
-        if dev != "cpu":
-            raise RuntimeError(f"`{fn}`: backend 'cpu' needs CPU tensors. Got device {x.device}.")
-        if _has_c_kernel(op, x) and not _cpu.available():
-            raise RuntimeError(
-                f"`{fn}`: backend 'cpu' is unavailable: {_cpu.unavailable_reason()}."
-            )
-        return "cpu"
-    return "torch"
+    if dev != "cpu":
+        raise RuntimeError(f"`{fn}`: backend 'cpu' needs CPU tensors. Got device {x.device}.")
+    if _has_c_kernel(op, x) and not _cpu.available():
+        raise RuntimeError(f"`{fn}`: backend 'cpu' is unavailable: {_cpu.unavailable_reason()}.")
+    return "cpu"
 
 
-def softmax(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``σ = exp(z − lse(z))`` over the last dim (the forward of ``softjac.softmax``); O(K) per
-    row. Returns ``z``'s dtype."""
-    chosen = resolve_backend("softjac.softmax", backend, z, "softmax")
+def info() -> dict[str, dict[str, dict[str, str]]]:
+    """For every op, the backend ``"auto"`` picks on this machine and why.
+
+    Returns ``{op: {case: {"backend": ..., "reason": ...}}}`` with cases ``"cpu float32"``,
+    ``"cpu float64"`` and, when CUDA is available, ``"cuda float32"`` (inputs of 64×512).
+    Building the C kernels (first use) happens here if it has not yet.
+    """
+    cases = [("cpu", torch.float32), ("cpu", torch.float64)]
+    if torch.cuda.is_available():
+        cases.append(("cuda", torch.float32))
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for op in OPS:
+        out[op] = {}
+        for dev, dtype in cases:
+            x = torch.empty((64, 512), dtype=dtype, device=dev)
+            chosen, why = _auto(op, x)
+            if op.startswith("cross_entropy") and dtype == torch.float64:
+                chosen, why = "torch", "float64 cross-entropy runs PyTorch in float64"
+            out[op][f"{dev} {str(dtype).removeprefix('torch.')}"] = {
+                "backend": chosen,
+                "reason": why,
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel calls on plain tensors (no autograd): what the registered ops and the autograd
+# Functions run. ``backend`` may be "auto"; the choice is made here, on the real tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def run_softmax(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``σ = exp(z − lse(z))`` over the last dim in ``z``'s dtype; fully masked rows give
+    zeros. O(K) per row, one read and one write with the C kernel."""
+    chosen = _resolve("softjac.softmax", backend, z, "softmax")
     if chosen == "cpu" and z.numel() and _has_c_kernel("softmax", z):
         return _cpu.softmax(z)
     return _torch.softmax(z)
 
 
-def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim, ``σ = probs``; the argmax entry is
-    ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``. O(K) per row; reads σ and v once, writes once.
-    Returns the dtype of ``probs`` (computed in at least float32)."""
-    chosen = resolve_backend("softjac.vjp_from_probs", backend, probs, "softmax_vjp", v)
+def run_softmax_vjp(probs: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``J v = σ ⊙ (v − ⟨σ, v⟩)`` with ``σ = probs``, the argmax entry without cancellation;
+    O(K) per row. Returns the dtype of ``probs``."""
+    chosen = _resolve("softjac.vjp_from_probs", backend, probs, "softmax_vjp", v)
     if chosen == "torch" or probs.numel() == 0:
         return _torch.softmax_vjp(probs, v)
     if v.dtype != probs.dtype:
@@ -247,13 +394,80 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") 
     )
 
 
-def softmax_vjp_from_logits(
-    logits: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, *, backend: str = "auto"
+def _exact_vjp_torch(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    up = as_float_dtype(z.dtype)
+    return _core.vjp_logits_last(z.to(up), v.to(up)).to(z.dtype)
+
+
+def run_softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``J(σ(z)) v`` from logits with σ never rounded on its own (``_core.vjp_logits_last``:
+    the argmax entry as ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``, ``1/S²`` keeping what
+    ``fl(1 + r)`` drops); O(K) per row. Returns the dtype of ``z``."""
+    fn = "softjac.vjp"
+    chosen = _resolve(fn, backend, z, "softmax_vjp_logits", v)
+    if chosen == "torch" or z.numel() == 0:
+        return _exact_vjp_torch(z, v)
+    v = v.to(z.dtype)
+    if chosen == "cpu":
+        if hasattr(_cpu, "softmax_vjp_logits"):
+            return _cpu.softmax_vjp_logits(z, v)
+        return _cpu.softmax_vjp_from_logits(z, _core.logsumexp_last(_up(z)), v)
+    tri = _triton_module()
+    if hasattr(tri, "softmax_vjp_logits"):
+        run = lambda: tri.softmax_vjp_logits(z, v)  # noqa: E731
+    else:
+        run = lambda: tri.softmax_vjp(z, v, lse=_core.logsumexp_last(_up(z)))  # noqa: E731
+    return _triton_or_fallback(backend, fn, run, lambda: _exact_vjp_torch(z, v))
+
+
+def _exact_jacobian_torch(z: torch.Tensor) -> torch.Tensor:
+    return _core.jacobian_logits_last(_up(z)).to(z.dtype)
+
+
+def run_jacobian_logits(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Dense ``diag(σ) − σσᵀ`` of shape ``(..., K, K)`` from logits, σ never rounded on its
+    own (``_core.jacobian_logits_last``); O(K²) per row. Returns the dtype of ``z``."""
+    fn = "softjac.jacobian"
+    chosen = _resolve(fn, backend, z, "jacobian_logits")
+    if chosen == "torch" or z.numel() == 0:
+        return _exact_jacobian_torch(z)
+    if chosen == "cpu":
+        if hasattr(_cpu, "jacobian_logits"):
+            return _cpu.jacobian_logits(z)
+        return _cpu.softmax_jacobian_dense(_core.softmax_last(_up(z)).to(z.dtype))
+    p = _core.softmax_last(_up(z)).to(z.dtype)
+    return _triton_or_fallback(
+        backend,
+        fn,
+        lambda: _triton_module().softmax_jacobian_dense(p),
+        lambda: _exact_jacobian_torch(z),
+    )
+
+
+def run_softmax_jacobian(probs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Dense ``diag(σ) − σσᵀ`` of shape ``(..., K, K)`` from ``σ = probs``; O(K²) per row, the
+    argmax diagonal entry as ``σ_{i*} Σ_{j≠i*} σ_j``. Returns the dtype of ``probs``."""
+    fn = "softjac.jacobian"
+    chosen = _resolve(fn, backend, probs, "softmax_jacobian")
+    if chosen == "triton" and probs.numel():
+        return _triton_or_fallback(
+            backend,
+            fn,
+            lambda: _triton_module().softmax_jacobian_dense(probs),
+            lambda: _torch.softmax_jacobian_dense(probs),
+        )
+    if chosen == "cpu" and probs.numel():
+        return _cpu.softmax_jacobian_dense(probs)
+    return _torch.softmax_jacobian_dense(probs)
+
+
+def run_softmax_vjp_from_logits(
+    logits: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """``J v`` with ``σ = exp(logits − lse)`` (``lse`` of shape ``(..., 1)``); masked −inf
-    logits give σ = 0. The Triton and C kernels recompute σ on the fly (traffic 3·K elements per
-    row + one lse). Returns the dtype of ``logits``."""
-    chosen = resolve_backend("softjac.vjp", backend, logits, "softmax_vjp_from_logits", lse, v)
+    """``J v`` with ``σ = exp(logits − lse)`` (``lse`` of shape ``(..., 1)``) recomputed in the
+    kernel (σ rounded once; the exact from-logits product is :func:`run_softmax_vjp_logits`).
+    Returns the dtype of ``logits``."""
+    chosen = _resolve("softjac.vjp", backend, logits, "softmax_vjp_from_logits", lse, v)
     if chosen == "torch" or logits.numel() == 0:
         return _torch.softmax_vjp_from_logits(logits, lse, v)
     if chosen == "cpu":
@@ -266,20 +480,152 @@ def softmax_vjp_from_logits(
     )
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x.to(as_float_dtype(x.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The entry points the rest of softjac calls: a kernel on plain tensors, the registered op
+# when reverse-mode autograd or torch.compile must record it, never a silently dropped
+# derivative.
+# --------------------------------------------------------------------------------------------
+
+
+def _route(fn: str, backend: str, tensors, run, op, torch_path):
+    """``run()`` when nothing must record the call; the registered ``op()`` (reverse-mode
+    autograd, vmap, torch.compile) when it must; for forward mode and ``torch.func``
+    transforms, the PyTorch code under ``"auto"`` (recorded natively) and a
+    ``RuntimeError`` under an explicit kernel backend."""
+    check_backend(fn, backend)
+    if backend == "torch":
+        return torch_path()
+    if torch.compiler.is_compiling():
+        return op()
+    need = graph_needs(*tensors)
+    if not need:
+        return run()
+    if need == "reverse":
+        return op()
+    if backend == "auto":
+        return torch_path()
+    if need == "forward":
+        raise RuntimeError(
+            f"`{fn}`: backend {backend!r} cannot record forward-mode AD at the kernel level. "
+            "Use the public function (softjac.softmax, softjac.vjp, …), which records it, or "
+            "backend='auto'."
+        )
+    raise RuntimeError(
+        f"`{fn}`: backend {backend!r} needs plain tensors with memory. Got a torch.func "
+        "wrapper or a tensor subclass; use the public function (softjac.softmax, "
+        "softjac.vjp, …), which records it, or backend='auto'."
+    )
+
+
+def softmax(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``σ = exp(z − lse(z))`` over the last dim (the forward of ``softjac.softmax``); O(K) per
+    row. Returns ``z``'s dtype; differentiable (registered op) when ``z`` requires grad."""
+    return _route(
+        "softjac.softmax",
+        backend,
+        (z,),
+        lambda: run_softmax(z, backend),
+        lambda: _ops.softmax(z, backend),
+        lambda: _torch.softmax(z),
+    )
+
+
+def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim, ``σ = probs``; the argmax entry is
+    ``σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``. O(K) per row; reads σ and v once, writes once.
+    Returns the dtype of ``probs`` (computed in at least float32)."""
+    return _route(
+        "softjac.vjp_from_probs",
+        backend,
+        (probs, v),
+        lambda: run_softmax_vjp(probs, v, backend),
+        lambda: _ops.softmax_vjp(probs, v.to(probs.dtype), backend),
+        lambda: _torch.softmax_vjp(probs, v),
+    )
+
+
+def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``J(σ(z)) v`` from logits, exact (see :func:`run_softmax_vjp_logits`); O(K) per row.
+    Returns the dtype of ``z``."""
+    return _route(
+        "softjac.vjp",
+        backend,
+        (z, v),
+        lambda: run_softmax_vjp_logits(z, v, backend),
+        lambda: _ops.softmax_vjp_logits(z, v.to(z.dtype), backend),
+        lambda: _exact_vjp_torch(z, v),
+    )
+
+
+def softmax_vjp_from_logits(
+    logits: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """``J v`` with ``σ = exp(logits − lse)`` (``lse`` of shape ``(..., 1)``); masked −inf
+    logits give σ = 0. The Triton and C kernels recompute σ on the fly (traffic 3·K elements per
+    row + one lse). Returns the dtype of ``logits``. Not differentiable through a kernel (use
+    :func:`softmax_vjp_logits`): where a graph must be recorded, ``"auto"`` runs PyTorch and an
+    explicit kernel backend raises."""
+    fn = "softjac.vjp"
+
+    def no_op():
+        raise RuntimeError(
+            f"`{fn}`: backend {backend!r} cannot record autograd through the lse-based kernel; "
+            "use `dispatch.softmax_vjp_logits` or backend='auto'."
+        )
+
+    return _route(
+        fn,
+        backend,
+        (logits, lse, v),
+        lambda: run_softmax_vjp_from_logits(logits, lse, v, backend),
+        no_op if backend != "auto" else lambda: _torch.softmax_vjp_from_logits(logits, lse, v),
+        lambda: _torch.softmax_vjp_from_logits(logits, lse, v),
+    )
+
+
 def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Dense ``diag(σ) − σσᵀ`` of shape ``(..., K, K)``; O(K²) per row, the argmax diagonal
     entry as ``σ_{i*} Σ_{j≠i*} σ_j``. Returns the dtype of ``probs``."""
-    chosen = resolve_backend("softjac.jacobian", backend, probs, "softmax_jacobian_dense")
-    if chosen == "triton" and probs.numel():
-        return _triton_or_fallback(
-            backend,
-            "softjac.jacobian",
-            lambda: _triton_module().softmax_jacobian_dense(probs),
-            lambda: _torch.softmax_jacobian_dense(probs),
+    return _route(
+        "softjac.jacobian",
+        backend,
+        (probs,),
+        lambda: run_softmax_jacobian(probs, backend),
+        lambda: _ops.softmax_jacobian(probs, backend),
+        lambda: _torch.softmax_jacobian_dense(probs),
+    )
+
+
+def jacobian_logits(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Dense ``diag(σ) − σσᵀ`` from logits, exact (see :func:`run_jacobian_logits`); O(K²)
+    per row. Returns the dtype of ``z``."""
+    return _route(
+        "softjac.jacobian",
+        backend,
+        (z,),
+        lambda: run_jacobian_logits(z, backend),
+        lambda: _ops.jacobian_logits(z, backend),
+        lambda: _exact_jacobian_torch(z),
+    )
+
+
+def _no_graph(fn: str, backend: str, *tensors: torch.Tensor) -> str:
+    """For the cross-entropy kernels (whose autograd lives in ``softjac._autograd``): the
+    backend to use when a graph must be recorded (``"torch"`` under ``"auto"``), or raise."""
+    if backend == "torch" or torch.compiler.is_compiling():
+        return backend
+    if graph_needs(*tensors):
+        if backend == "auto":
+            return "torch"
+        raise RuntimeError(
+            f"`{fn}`: backend {backend!r} cannot record autograd at the kernel level; use "
+            "`softjac.cross_entropy`, which records it."
         )
-    if chosen == "cpu" and probs.numel():
-        return _cpu.softmax_jacobian_dense(probs)
-    return _torch.softmax_jacobian_dense(probs)
+    return backend
 
 
 def cross_entropy_forward(
@@ -295,8 +641,11 @@ def cross_entropy_forward(
     """``(loss_rows, lse)`` (float32, ``(N,)``; float64 for float64 logits) for ``(N, K)``
     logits, see the module doc; with ``stats=True`` ``(loss_rows, (m, ls))``, the row maximum and
     the log of the shifted sum (``lse = m + ls``), which :func:`cross_entropy_backward` takes
-    for σ accurate to the row's spread. The Triton kernel reads each row once (online
-    log-sum-exp; twice with label smoothing), the C kernel twice (the second from cache)."""
+    for σ accurate to the row's spread. Logits ``(B, K, M)`` with the classes in the middle
+    and targets ``(B, M)`` give ``(B, M)`` results (the C kernel reads that layout in place).
+    The Triton kernel reads each row once (online log-sum-exp; twice with label smoothing),
+    the C kernel twice (the second from cache)."""
+    backend = _no_graph("softjac.cross_entropy", backend, logits, weight)
     if logits.ndim == 3:
         return _cross_entropy_forward_inner(
             logits, target, weight, ignore_index, label_smoothing, backend, stats
@@ -332,8 +681,11 @@ def cross_entropy_backward(
     """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; ``lse``
     is the pair ``(m, ls)`` of ``cross_entropy_forward(..., stats=True)`` (σ accurate to the
     row's spread) or one log-sum-exp tensor (σ = exp(z − lse), accurate to ``eps · |lse|``).
-    Ignored rows get exactly 0. The kernels read each logit once and write once (into
-    ``logits`` when ``inplace``)."""
+    Ignored rows get exactly 0. Logits ``(B, K, M)`` (classes in the middle) with ``(B, M)``
+    targets, stats and ``grad_rows`` give the gradient in that layout. The kernels read each
+    logit once and write once (into ``logits`` when ``inplace``)."""
+    pair = tuple(lse) if isinstance(lse, (tuple, list)) else (lse,)
+    backend = _no_graph("softjac.cross_entropy", backend, logits, *pair, grad_rows, weight)
     if logits.ndim == 3:
         if inplace:
             raise ValueError(
@@ -416,3 +768,6 @@ def _cross_entropy_backward_inner(
         backend=backend,
     )  # fmt: skip
     return out.reshape(b, m, k).movedim(-1, 1)
+
+
+from softjac.kernels import _ops  # noqa: E402  (registers torch.ops.softjac.*; imports this module)
