@@ -69,7 +69,7 @@ import torch
 
 from softjac import _core
 from softjac._checks import as_float_dtype
-from softjac.kernels import _ops, dispatch
+from softjac.kernels import _ce_ops, _ops, dispatch
 
 __all__ = [
     "CrossEntropyBackward",
@@ -508,7 +508,7 @@ class CrossEntropyRows(torch.autograd.Function):
         # Ignored rows get exactly 0 in every backend whatever their logits and cotangent (a
         # 'mean' over no valid row gives an infinite cotangent; 0 · inf must not become NaN).
         args = (logits, g_loss, target, m, ls, weight, ignore_index, eps, backend)
-        if not torch.is_grad_enabled():  # plain backward: the kernel call, no bookkeeping
+        if _plain(logits, g_loss, weight):  # plain backward: the kernel call, no bookkeeping
             return CrossEntropyBackward.forward(*args), None, None, None, None, None
         return _apply_ce_backward(*args), None, None, None, None, None
 
@@ -560,35 +560,20 @@ def cross_entropy_rows(
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile: Dynamo cannot trace an autograd.Function that defines ``jvp`` (it graph-breaks
-# with "Unsupported custom jvp"). Under compilation the same Functions are used without their
-# ``jvp`` (forward-mode AD is not traced by torch.compile anyway); everything else is shared.
+# torch.compile: the registered ops ``torch.ops.softjac.cross_entropy_forward/backward``
+# (``softjac.kernels._ce_ops``: fake implementations, registered autograd), so the compiled
+# graph holds the kernels (Dynamo cannot trace an autograd.Function that defines ``jvp``, and
+# forward-mode AD is not traced by torch.compile anyway). Eager autograd uses the Functions.
 # --------------------------------------------------------------------------------------------
-
-_NO_JVP = staticmethod(torch.autograd.Function.jvp)
-
-
-class _CrossEntropyBackwardCompiled(CrossEntropyBackward):
-    jvp = _NO_JVP
-
-
-class _CrossEntropyRowsCompiled(CrossEntropyRows):
-    jvp = _NO_JVP
-
-
-def _traceable(backend: str) -> str:
-    # Under compilation "auto" means the torch implementation: Inductor fuses it, and a kernel
-    # called through ctypes or a Triton launcher would break the graph.
-    return "torch" if backend == "auto" else backend
 
 
 def _apply_ce_backward(*args):
     if _compiling():
-        return _CrossEntropyBackwardCompiled.apply(*args[:-1], _traceable(args[-1]))
+        return _ce_ops.cross_entropy_backward(*args)
     return CrossEntropyBackward.apply(*args)
 
 
 def _apply_ce_rows(*args):
     if _compiling():
-        return _CrossEntropyRowsCompiled.apply(*args[:-1], _traceable(args[-1]))
+        return _ce_ops.cross_entropy_forward(*args)
     return CrossEntropyRows.apply(*args)
