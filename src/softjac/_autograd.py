@@ -498,6 +498,7 @@ class CrossEntropyRows(torch.autograd.Function):
         logits, target, weight, ignore_index, eps, backend = inputs
         ctx.opts = (ignore_index, eps, backend)
         ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # no zero tensors for the unused m, ls cotangents
         ctx.save_for_backward(logits, target, weight, output[1], output[2])
         ctx.save_for_forward(logits, target, weight, output[1], output[2])
 
@@ -505,6 +506,8 @@ class CrossEntropyRows(torch.autograd.Function):
     def backward(ctx, g_loss, _g_m, _g_ls):
         logits, target, weight, m, ls = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
+        if g_loss is None:
+            return None, None, None, None, None, None
         # Ignored rows get exactly 0 in every backend whatever their logits and cotangent (a
         # 'mean' over no valid row gives an infinite cotangent; 0 · inf must not become NaN).
         args = (logits, g_loss, target, m, ls, weight, ignore_index, eps, backend)

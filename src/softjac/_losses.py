@@ -36,9 +36,10 @@ _REDUCTIONS = ("none", "mean", "sum")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) -> None:
+def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) -> bool:
     """``IndexError`` naming ``fn`` unless every class index in ``t`` is in ``[0, K)`` or equal
-    to ``ignore_index``.
+    to ``ignore_index``; returns whether it is known that no row is ignored (then a 'mean'
+    divides by the row count without another pass over the targets).
 
     The one check of the targets' values, made before any kernel runs: it reads them (a device
     synchronisation on GPU). Skipped where the values cannot be read: under ``torch.compile``
@@ -46,21 +47,22 @@ def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) ->
     checks apply).
     """
     if t.numel() == 0 or torch.compiler.is_compiling():
-        return
+        return False
     try:
         lo, hi = torch.aminmax(t)  # one pass in the common case: every index in range
         if int(lo) >= 0 and int(hi) < k:
-            return
+            return not 0 <= ignore_index < k or not bool((t == ignore_index).any())
         bad = (t != ignore_index) & ((t < 0) | (t >= k))
         found = bool(bad.any())
     except RuntimeError:  # vmap's batched tensors refuse data-dependent control flow
-        return
+        return False
     if found:
         first = int(bad.nonzero()[0, 0])
         raise IndexError(
             f"`{fn}`: `target` must hold class indices in [0, {k}) or `ignore_index` "
             f"({ignore_index}). Got {int(t[first])} at flat position {first}."
         )
+    return False
 
 
 class _Prepared:
@@ -81,6 +83,7 @@ class _Prepared:
         self.ignore_index = ii
         self.eps = eps
         self.reduction = reduction
+        self.none_ignored = False  # known that no class-index target equals ignore_index
         self._z2 = None
 
     @property
@@ -172,8 +175,9 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
             f"i.e. {fmt_shape(want)}. Got {fmt_shape(target.shape)}."
         )
     t = target.reshape(-1).long()
-    _check_class_indices(fn, t, k, ignore_index)
-    return _Prepared(logits, z, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+    prep = _Prepared(logits, z, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+    prep.none_ignored = _check_class_indices(fn, t, k, ignore_index)
+    return prep
 
 
 def _smoothed(prep: _Prepared, cd: torch.dtype):
@@ -190,6 +194,8 @@ def _smoothed(prep: _Prepared, cd: torch.dtype):
 def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
     """``Σ_n w[y_n]`` over non-ignored rows (the 'mean' divisor of F.cross_entropy); the targets
     were validated by :func:`_prepare`, so ignored rows never count."""
+    if prep.weight is None and prep.none_ignored:
+        return torch.tensor(float(prep.target.numel()), dtype=cd, device=prep.target.device)
     valid = prep.target != prep.ignore_index
     if prep.weight is None:
         return valid.sum().to(cd)

@@ -94,7 +94,7 @@ def _load() -> ctypes.CDLL | None:
         # the class-in-the-middle (nb, k, m) cross-entropy kernels, float32
         signatures["softjac_ce_fwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr]
         signatures["softjac_ce_fwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
-        signatures["softjac_ce_bwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr]
+        signatures["softjac_ce_bwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr]
         signatures["softjac_ce_bwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -374,13 +374,17 @@ def cross_entropy_backward_inner(
     z = logits.contiguous()
     tgt = target.to(torch.int64).reshape(b, m).contiguous()
     mx, ls = (x.to(torch.float32).reshape(b, m).contiguous() for x in stats)
-    g = grad_rows.to(torch.float32).reshape(-1).expand(b * m).contiguous()
+    g = grad_rows.to(torch.float32)
+    if g.numel() == 1 or all(st == 0 for st in g.stride()):  # one value for all rows
+        g, sg = g.reshape(-1)[:1].contiguous(), 0
+    else:
+        g, sg = g.reshape(-1).contiguous(), 1
     out = torch.empty(b, k, m, dtype=torch.float32)
     w, wp, w_sum = _weight_args(weight)
     if b and k and m:
         _fns["softjac_ce_bwd_inner_f32"](
             z.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
-            mx.data_ptr(), ls.data_ptr(), g.data_ptr(), out.data_ptr(), b, k, m, ignore_index,
+            mx.data_ptr(), ls.data_ptr(), g.data_ptr(), sg, out.data_ptr(), b, k, m, ignore_index,
             float(label_smoothing), torch.get_num_threads(),
         )  # fmt: skip
     return out

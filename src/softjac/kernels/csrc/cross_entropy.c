@@ -217,7 +217,8 @@ DEFINE_CE(f16, f16_t, LOAD_F16, STORE_F16)
  * copying the logits into rows and the gradient back (two transposes), each task takes a tile
  * of up to CE_IT columns c and sweeps j = 0..k-1, loading the tile's contiguous entries per j
  * (SIMD across c): a max sweep, then an exp-sum sweep from cache (float partials over BLK
- * entries of j, added in double), the same formulas per column as the row kernels. */
+ * entries of j, added in double), the same formulas per column as the row kernels.  The
+ * backward's incoming gradient has stride sg (0: one value for every row, as a 'mean' gives). */
 #define CE_IT 256
 
 static inline int64_t ce_inner_tile(int64_t k, int64_t m) {
@@ -287,14 +288,14 @@ static void ce_fwd_inner_tile_f32(const float *z, const int64_t *tgt, const floa
 
 static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
                                   const float *m_in, const float *ls_in, const float *grad,
-                                  float *out, int64_t k, int64_t m, int64_t tw,
+                                  int64_t sg, float *out, int64_t k, int64_t m, int64_t tw,
                                   int64_t ignore_index, float eps) {
     float mv[CE_IT], lv[CE_IT], cf[CE_IT], sm[CE_IT];
     int32_t keep[CE_IT];
     for (int64_t c = 0; c < tw; ++c) {
         const int64_t y = tgt[c];
         const int valid = y != ignore_index;
-        const float g = valid ? grad[c] : 0.0f;
+        const float g = valid ? grad[c * sg] : 0.0f;
         const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
         cf[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
         sm[c] = g * eps / (float)k;
@@ -315,7 +316,7 @@ static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const floa
     for (int64_t c = 0; c < tw; ++c) {
         const int64_t y = tgt[c];
         if (y == ignore_index) continue;
-        out[y * m + c] -= grad[c] * (1.0f - eps) * (w ? w[y] : 1.0f);
+        out[y * m + c] -= grad[c * sg] * (1.0f - eps) * (w ? w[y] : 1.0f);
     }
 }
 
@@ -395,15 +396,15 @@ static void ce_fwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const 
 
 static void ce_bwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const float *w,
                                       float w_sum, const float *m_in, const float *ls_in,
-                                      const float *grad, float *out, int64_t k, int64_t m,
-                                      int64_t tw, int64_t ignore_index, float eps) {
+                                      const float *grad, int64_t sg, float *out, int64_t k,
+                                      int64_t m, int64_t tw, int64_t ignore_index, float eps) {
     const int64_t nv = tw / CVL;
     float cfs[CE_IT], sms[CE_IT];
     int32_t keeps[CE_IT];
     for (int64_t c = 0; c < tw; ++c) {
         const int64_t y = tgt[c];
         const int valid = y != ignore_index;
-        const float g = valid ? grad[c] : 0.0f;
+        const float g = valid ? grad[c * sg] : 0.0f;
         const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
         cfs[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
         sms[c] = g * eps / (float)k;
@@ -430,7 +431,7 @@ static void ce_bwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const 
     for (int64_t c = 0; c < tw; ++c) {
         const int64_t y = tgt[c];
         if (y == ignore_index) continue;
-        out[y * m + c] -= grad[c] * (1.0f - eps) * (w ? w[y] : 1.0f);
+        out[y * m + c] -= grad[c * sg] * (1.0f - eps) * (w ? w[y] : 1.0f);
     }
 }
 #endif /* SOFTJAC_VEC */
@@ -454,18 +455,18 @@ static void ce_fwd_inner_tile(const float *z, const int64_t *tgt, const float *w
 
 static void ce_bwd_inner_tile(const float *z, const int64_t *tgt, const float *w, float w_sum,
                               const float *m_in, const float *ls_in, const float *grad,
-                              float *out, int64_t k, int64_t m, int64_t tw, int64_t ignore_index,
-                              float eps) {
+                              int64_t sg, float *out, int64_t k, int64_t m, int64_t tw,
+                              int64_t ignore_index, float eps) {
     int64_t c0 = 0;
 #ifdef SOFTJAC_VEC
     c0 = tw / CVL * CVL;
     if (c0)
-        ce_bwd_inner_tile_f32_vec(z, tgt, w, w_sum, m_in, ls_in, grad, out, k, m, c0,
+        ce_bwd_inner_tile_f32_vec(z, tgt, w, w_sum, m_in, ls_in, grad, sg, out, k, m, c0,
                                   ignore_index, eps);
 #endif
     if (c0 < tw)
-        ce_bwd_inner_tile_f32(z + c0, tgt + c0, w, w_sum, m_in + c0, ls_in + c0, grad + c0,
-                              out + c0, k, m, tw - c0, ignore_index, eps);
+        ce_bwd_inner_tile_f32(z + c0, tgt + c0, w, w_sum, m_in + c0, ls_in + c0,
+                              grad + c0 * sg, sg, out + c0, k, m, tw - c0, ignore_index, eps);
 }
 
 int softjac_ce_fwd_inner_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
@@ -486,9 +487,9 @@ int softjac_ce_fwd_inner_f32(const float *z, const int64_t *tgt, const float *w,
 }
 
 int softjac_ce_bwd_inner_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
-                             const float *m_in, const float *ls_in, const float *grad, float *out,
-                             int64_t nb, int64_t k, int64_t m, int64_t ignore_index, float eps,
-                             int nthreads) {
+                             const float *m_in, const float *ls_in, const float *grad, int64_t sg,
+                             float *out, int64_t nb, int64_t k, int64_t m, int64_t ignore_index,
+                             float eps, int nthreads) {
     const int64_t tile = ce_inner_tile(k, m);
     const int64_t per_b = (m + tile - 1) / tile, ntask = nb * per_b;
     nthreads = clamp_threads(nthreads, ntask, k * tile);
@@ -498,8 +499,8 @@ int softjac_ce_bwd_inner_f32(const float *z, const int64_t *tgt, const float *w,
         const int64_t i = task / per_b, c0 = (task % per_b) * tile;
         const int64_t tw = m - c0 < tile ? m - c0 : tile;
         const int64_t r = i * m + c0, off = i * k * m + c0;
-        ce_bwd_inner_tile(z + off, tgt + r, w, w_sum, m_in + r, ls_in + r, grad + r, out + off, k,
-                          m, tw, ignore_index, eps);
+        ce_bwd_inner_tile(z + off, tgt + r, w, w_sum, m_in + r, ls_in + r, grad + r * sg, sg,
+                          out + off, k, m, tw, ignore_index, eps);
     }
     return 0;
 }
