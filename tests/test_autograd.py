@@ -422,3 +422,116 @@ def test_vmap_over_class_weights_is_refused_clearly():
     weights = torch.rand(2, 4, dtype=F64)
     with pytest.raises(NotImplementedError, match="vmap over `weight`"):
         torch.func.vmap(lambda w: softjac.cross_entropy(z, t, weight=w))(weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# No derivative dropped: every public function, every backend, reverse and forward mode
+# ---------------------------------------------------------------------------------------------
+
+_PUBLIC = {
+    "softmax": lambda z, v, b: softjac.softmax(z, dim=0, temperature=0.7, backend=b),
+    "vjp": lambda z, v, b: softjac.vjp(z, v, dim=0, backend=b),
+    "jvp": lambda z, v, b: softjac.jvp(z, v, temperature=1.5, backend=b),
+    # σ through torch: finite differences of z stay on the simplex
+    "vjp_from_probs": lambda z, v, b: softjac.vjp_from_probs(torch.softmax(z, 0), v, 0, backend=b),
+    "jacobian": lambda z, v, b: softjac.jacobian(z, temperature=2.0, backend=b),
+    "hvp": lambda z, v, b: softjac.hvp(z, v, v.flip(-1)),  # no backend: PyTorch code
+}
+
+
+def _cpu_or_skip(backend):
+    from softjac.kernels import _cpu
+
+    if backend == "cpu" and not _cpu.available():
+        pytest.skip(f"C kernels unavailable: {_cpu.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("name", list(_PUBLIC))
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+def test_public_functions_record_every_derivative(name, backend):
+    """gradcheck (reverse, forward mode with dual tensors, batched) and gradgradcheck of each
+    public differentiable function under each backend, against finite differences."""
+    _cpu_or_skip(backend)
+    if name == "hvp" and backend != "auto":
+        pytest.skip("hvp has no backend argument")
+    z = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 3, dtype=F64, requires_grad=True)
+
+    def f(z, v):
+        return _PUBLIC[name](z, v, backend)
+
+    # fast mode: the Jacobians are compared along random directions (what keeps this fast)
+    assert gradcheck(f, (z, v), check_forward_ad=True, check_batched_grad=True, fast_mode=True)
+    assert gradgradcheck(
+        f, (z, v), check_fwd_over_rev=True, check_batched_grad=True, fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("fn", ["vjp", "vjp_from_probs", "jacobian", "softmax"])
+def test_explicit_kernel_backend_records_the_graph(fn, backend):
+    _cpu_or_skip(backend)
+    z = torch.randn(3, 5, requires_grad=True)
+    v = torch.randn(3, 5)
+    out = _PUBLIC[fn](z, v, backend)
+    assert out.grad_fn is not None
+    w = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, z, w)
+    zr = z.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(_PUBLIC[fn](zr, v.double(), "torch"), zr, w.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu"])
+@pytest.mark.parametrize("shape,dim", [((5,), 0), ((5, 5), 0), ((2, 4, 3), -1), ((2, 4, 3), 1)])
+def test_vjp_from_probs_on_softmax_backward_data_samples(shape, dim, backend):
+    """The samples PyTorch checks ``_softmax_backward_data`` with (grad_output, output =
+    softmax(input, dim)), both differentiated independently: forward-mode tangents are kept
+    under every backend and the derivative in σ is that of the product as computed (which
+    evaluates the argmax entry without cancellation), also off the simplex."""
+    _cpu_or_skip(backend)
+    out = torch.softmax(torch.randn(shape, dtype=F64), dim).requires_grad_()
+    g = torch.randn(shape, dtype=F64, requires_grad=True)
+
+    def f(g, out):
+        return softjac.vjp_from_probs(out, g, dim, backend=backend)
+
+    assert gradcheck(
+        f,
+        (g, out),
+        check_forward_ad=True,
+        check_batched_grad=True,
+        check_batched_forward_grad=True,
+        fast_mode=True,
+    )
+    assert gradgradcheck(f, (g, out), check_fwd_over_rev=True, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_dual_tensors_through_the_public_functions(backend):
+    import torch.autograd.forward_ad as fwd
+
+    _cpu_or_skip(backend)
+    z = torch.randn(4, 6, dtype=F64)
+    v = torch.randn(4, 6, dtype=F64)
+    t = torch.randn(4, 6, dtype=F64)
+
+    def ref(z, v):
+        p = torch.softmax(z, -1)
+        return p * (v - (p * v).sum(-1, keepdim=True))
+
+    _, want = torch.func.jvp(ref, (z, v), (t, t))
+    with fwd.dual_level():
+        got = fwd.unpack_dual(
+            softjac.vjp(fwd.make_dual(z, t), fwd.make_dual(v, t), backend=backend)
+        )
+        assert got.tangent is not None
+        torch.testing.assert_close(got.tangent, want, atol=1e-14, rtol=0)
+        jd = fwd.unpack_dual(softjac.jacobian(fwd.make_dual(z, t), backend=backend)).tangent
+    _, jwant = torch.func.jvp(_dense, (z,), (t,))
+    torch.testing.assert_close(jd, jwant, atol=1e-14, rtol=0)
+
+
+def _dense(z):
+    p = torch.softmax(z, -1)
+    return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
-import sys
 
 import mpmath as mp
 import pytest
@@ -26,22 +24,10 @@ INF, NAN = float("inf"), float("nan")
 
 
 def _triton_usable() -> bool:
-    """Whether the Triton kernels can run here (CUDA, or the interpreter on CPU: the
-    interpreter is chosen when ``softjac.kernels._triton`` is first imported)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if torch.cuda.is_available():
-        return False  # these tests build CPU tensors
-    if "softjac.kernels._triton" in sys.modules:
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    had = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from softjac.kernels import _triton  # noqa: F401
-    finally:
-        if had is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-    return True
+    """Whether the Triton kernels can run on these CPU tensors: triton installed and no GPU
+    (then the autouse fixture below selects the interpreter before the kernels module is
+    first imported, at test time; importing it here would decide for the whole session)."""
+    return importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
 
 
 BACKENDS = ["torch", "cpu", "auto"] + (["triton"] if _triton_usable() else [])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
+import softjac
 from softjac import _reference
 from softjac.kernels import _cpu, _ops, dispatch
 
@@ -214,3 +215,86 @@ def test_dispatch_never_drops_a_forward_mode_tangent():
             dispatch.softmax(dual, backend="cpu")
     p = torch.softmax(z, -1)
     torch.testing.assert_close(got, p * (t - (p * t).sum(-1, keepdim=True)), atol=1e-15, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the exact from-logits VJP kernel and the public API under backend="triton"
+# (CPU tensors through the Triton interpreter; tiny sizes)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """``softjac.kernels._triton`` under the interpreter (no CUDA here), with
+    ``TRITON_INTERPRET=1`` set for the test so that ``backend="triton"`` accepts CPU tensors."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("these run the interpreter on CPU tensors")
+    if "triton" in sys.modules and "softjac.kernels._triton" not in sys.modules:
+        pytest.skip("triton was imported without the interpreter in this process")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is first imported
+    from softjac.kernels import _triton
+
+    return _triton
+
+
+@pytest.mark.parametrize("k,threshold,chunk", [(5, 8192, 4096), (37, 8192, 4096), (40, 16, 8)])
+def test_triton_exact_vjp_from_logits(triton_kernels, k, threshold, chunk):
+    """One-row and split-row paths against the float64 exact formula of ``_core``, relative
+    to each entry's size on a row whose argmax dominates (r below float32 eps), and the
+    non-finite contract (NaN or +inf → NaN row, fully masked → zeros)."""
+    from softjac import _core
+
+    z = torch.randn(5, k, dtype=F64) * 5
+    z[1, 3] = float("-inf")
+    z[2] = float("-inf")
+    z[3, 1] = 60.0  # σ of the others below 1e-20: r < float32 eps
+    z = z.float()
+    v = torch.randn(5, k).float()
+    z[4, 2], z[0, 0] = float("nan"), float("inf")
+    got = triton_kernels.softmax_vjp_logits(z, v, split_threshold=threshold, split_chunk=chunk)
+    want = _core.vjp_logits_last(z[1:4].double(), v[1:4].double())
+    assert got.dtype == torch.float32
+    assert got[0].isnan().all() and got[4].isnan().all()
+    assert (got[2] == 0).all()
+    torch.testing.assert_close(got[1:4].double(), want, atol=1e-6, rtol=0)
+    rel = ((got[3].double() - want[2]).abs() / want[2].abs()).max()
+    assert rel < 1e-5, rel  # every entry, even those of size 1e-27, to float32 accuracy
+
+
+_TRITON_PUBLIC = {
+    "softmax": lambda z, v: softjac.softmax(z, dim=0, backend="triton"),
+    "vjp": lambda z, v: softjac.vjp(z, v, backend="triton"),
+    "jvp": lambda z, v: softjac.jvp(z, v, dim=0, backend="triton"),
+    "vjp_from_probs": lambda z, v: softjac.vjp_from_probs(
+        torch.softmax(z, -1), v, backend="triton"
+    ),
+    "jacobian": lambda z, v: softjac.jacobian(z, backend="triton"),
+}
+# The kernels compute in float32: float32-sized finite-difference step and tolerances.
+_TRITON_TOL = dict(eps=1e-3, atol=2e-3, rtol=2e-3, fast_mode=True)
+
+
+@pytest.mark.parametrize("name", list(_TRITON_PUBLIC))
+def test_triton_backend_records_every_derivative(triton_kernels, name):
+    """The public functions under backend="triton": reverse mode, forward mode with dual
+    tensors and batched gradients, against finite differences."""
+    z = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    f = _TRITON_PUBLIC[name]
+    assert f(z, v).grad_fn is not None
+    assert gradcheck(f, (z, v), check_forward_ad=True, check_batched_grad=True, **_TRITON_TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_TRITON_PUBLIC))
+def test_triton_backend_second_order(triton_kernels, name):
+    """gradgradcheck (reverse over reverse, forward over reverse) under backend="triton"
+    (slow under the interpreter: tens of seconds each)."""
+    z = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    assert gradgradcheck(_TRITON_PUBLIC[name], (z, v), check_fwd_over_rev=True, **_TRITON_TOL)

@@ -117,6 +117,14 @@ def _fixed_signature(cls: type[torch.autograd.Function]) -> type[torch.autograd.
     return cls
 
 
+def _memory(*tensors: torch.Tensor) -> bool:
+    """Whether a Function's ``forward`` got tensors with memory. It does except under the
+    batched tensors of ``torch.autograd.gradcheck(..., check_batched_grad=True)`` (the older
+    vmap, which calls ``forward`` on them); there the registered op runs instead, which that
+    vmap evaluates slice by slice, so the chosen kernel still computes every value."""
+    return all(dispatch.has_memory(t) for t in tensors)
+
+
 def _plain(*tensors: torch.Tensor) -> bool:
     """Whether no autograd mode, transform or compiler must see a computation on
     ``tensors`` (then the kernel runs directly, without a Function)."""
@@ -139,7 +147,11 @@ class SoftmaxVJP(torch.autograd.Function):
 
     @staticmethod
     def forward(p: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-        return dispatch.run_softmax_vjp(p, v.to(p.dtype), backend)
+        if _memory(p, v):
+            # a tensor of its own (never a view) in p's layout: Function outputs must not be
+            # views of intermediates under forward-mode batching
+            return _ops.same_layout(p, dispatch.run_softmax_vjp(p, v.to(p.dtype), backend))
+        return _ops.softmax_vjp(p, v.to(p.dtype), backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -155,8 +167,7 @@ class SoftmaxVJP(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gv = vjp_probs(p, gu, ctx.backend).to(v.dtype)
         if ctx.needs_input_grad[0]:
-            pc, vc, gc = _up(p), _up(v), _up(gu)
-            gp = (gc * (vc - _dot(pc, vc)) - vc * _dot(gc, pc)).to(p.dtype)
+            gp = _ops.probs_partial(gu, p, v).to(p.dtype)
         return gp, gv, None
 
     @staticmethod
@@ -166,8 +177,7 @@ class SoftmaxVJP(torch.autograd.Function):
         if dv is not None:
             out = vjp_probs(p, dv, ctx.backend)
         if dp is not None:
-            pc, vc, dpc = _up(p), _up(v), _up(dp)
-            extra = (dpc * (vc - _dot(pc, vc)) - pc * _dot(dpc, vc)).to(p.dtype)
+            extra = _ops.probs_tangent(dp, p, v).to(p.dtype)
             out = extra if out is None else out + extra
         if out is None:
             out = torch.zeros_like(p)
@@ -190,7 +200,9 @@ class SoftmaxLast(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
-        return dispatch.run_softmax(z, backend)
+        if _memory(z):
+            return dispatch.run_softmax(z, backend)
+        return _ops.softmax(z, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -220,7 +232,9 @@ class VJPLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-        return dispatch.run_softmax_vjp_logits(z, v, backend)
+        if _memory(z, v):
+            return dispatch.run_softmax_vjp_logits(z, v, backend)
+        return _ops.softmax_vjp_logits(z, v, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -270,7 +284,9 @@ class JacobianLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(z: torch.Tensor, backend: str) -> torch.Tensor:
-        return dispatch.run_jacobian_logits(z, backend)
+        if _memory(z):
+            return dispatch.run_jacobian_logits(z, backend)
+        return _ops.jacobian_logits(z, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

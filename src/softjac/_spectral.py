@@ -49,11 +49,10 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
-from pathlib import Path
 
 import torch
 
-from softjac.kernels import _cbuild
+from softjac.kernels import _loader
 
 __all__ = ["secular_eigh", "secular_eigvalsh", "secular_spectral_norm"]
 
@@ -105,11 +104,10 @@ CHUNK_ELEMENTS = 1 << 17
 # --------------------------------------------------------------------------- fused CPU loop
 # The four sums below are the whole O(K²) cost of the solver. In PyTorch they take ~8
 # elementwise passes per evaluation; the C loop in ``softjac/kernels/csrc/secular.c`` does them in
-# one pass per row (about 10× faster). It is compiled at first use by the shared builder
-# ``softjac.kernels._cbuild`` (like ``softjac.kernels._cpu``), cached per user, and skipped
-# silently when no compiler works or ``SOFTJAC_DISABLE_CPU_KERNEL`` is set; the PyTorch path
-# is the reference and the fallback.
-_NATIVE_SOURCE = Path(__file__).parent / "kernels" / "csrc" / "secular.c"
+# one pass per row (about 10× faster). It is built at install time and loaded by
+# ``softjac.kernels._loader`` (like ``softjac.kernels._cpu``), and skipped silently when it
+# is not built or ``SOFTJAC_DISABLE_CPU_KERNEL`` is set; the PyTorch path is the reference
+# and the fallback.
 _native_lock = threading.Lock()
 _native_state: dict[str, object] = {}
 #: Set to False to force the PyTorch path (the tests compare both).
@@ -125,7 +123,7 @@ def _native_lib() -> ctypes.CDLL | None:
             return _native_state["lib"]  # type: ignore[return-value]
         lib = None
         try:
-            lib, _native_state["why"] = _cbuild.load_library(_NATIVE_SOURCE, "softjac_secular")
+            lib, _native_state["why"], _ = _loader.load("softjac_secular")
             if lib is not None:
                 ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                 for name in ("softjac_secular_solve_f64", "softjac_secular_solve_f32"):

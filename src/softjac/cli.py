@@ -128,7 +128,8 @@ def _main_help() -> str:
         f"usage: {_PROG} [--version] [--help] COMMAND ...\n\n"
         "The Jacobian of softmax, exact and fast.\n\n"
         "commands:\n"
-        "  explain LOGITS...   σ, J, its properties and an autograd cross-check at the logits\n\n"
+        "  explain LOGITS...   σ, J, its properties and an autograd cross-check at the logits\n"
+        "  info [--json]       the backend backend='auto' uses for every op here, and why\n\n"
         f"Run `{_PROG} explain --help` for the options.\n"
     )
 
@@ -535,8 +536,10 @@ def _run(argv: list[str]) -> int:
     if first in ("-V", "--version"):
         print(f"{_PROG} {softjac.__version__}")
         return 0
+    if first == "info":
+        return _info(argv[1:])
     if first != "explain":
-        raise CLIError(f"unknown command {first.strip()!r}; the command is `explain`")
+        raise CLIError(f"unknown command {first.strip()!r}; the commands are `explain` and `info`")
     parser = _explain_parser()
     args = parser.parse_intermixed_args(argv[1:])
     doc, text = _explain(args)
@@ -544,6 +547,29 @@ def _run(argv: list[str]) -> int:
         print(json.dumps(_jsonable(doc), indent=2, ensure_ascii=True, allow_nan=False))
     else:
         _print(text)
+    return 0
+
+
+def _info(argv: list[str]) -> int:
+    """``softjac info [--json]``: :func:`softjac.kernels.info` as a table or as JSON."""
+    parser = _Parser(
+        prog=f"{_PROG} info",
+        description="The backend backend='auto' uses for every op on this machine, and why.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the dict as JSON")
+    args = parser.parse_args(argv)
+    from softjac.kernels import info  # builds the C kernels on first use
+
+    table = info()
+    if args.json:
+        print(json.dumps(table, indent=2, ensure_ascii=True))
+        return 0
+    lines = [f"torch {torch.__version__}; backend='auto' picks, per op and input:"]
+    for op, cases in table.items():
+        lines.append(f"  {op}")
+        for case, choice in cases.items():
+            lines.append(f"    {case:<14} {choice['backend']:<7} {choice['reason']}")
+    _print("\n".join(lines))
     return 0
 
 

@@ -1,46 +1,46 @@
-"""CPU kernels: a small plain-C file compiled at first use and called through ctypes.
+"""CPU kernels: plain-C loops built at install time and called through ctypes.
 
 Why this design (``docs/benchmarks.md`` has the numbers): PyTorch's native softmax backward
-on CPU runs far below the copy bandwidth at large K; the fused loops in ``csrc/*.c``
-read σ and v once from DRAM (the second look at a row is served from cache) and write once,
-with rows handed to OpenMP threads, and they compute the argmax entry without cancellation,
-which the native kernel does not. The C files have no Python headers; ``softjac.kernels._cbuild``
-compiles them at first use (about 3 s once, any C compiler) into a per-user cache, named by
-a hash of the source, the compiler, its flags and the machine, and renamed into place
-atomically, so concurrent first uses are safe. Without a compiler, ``backend="auto"`` falls
-back to torch and ``backend="cpu"`` raises with the compiler's message.
+on CPU runs far below the copy bandwidth at large K; the fused loops in ``csrc/*.c`` read σ
+and v once from DRAM (the second look at a row is served from cache) and write once, with
+rows handed to OpenMP threads, and they compute the argmax entry without cancellation, which
+the native kernel does not. The C files have no Python headers; ``setup.py`` compiles them
+at install into ``kernels/_lib/`` in three instruction-set variants (x86-64 baseline, AVX2,
+AVX-512), of which ``softjac.kernels._loader`` loads the best this CPU runs (``capability``).
+Without a build (and without the ``SOFTJAC_BUILD_KERNELS=1`` opt-in to compile at first use),
+``backend="auto"`` falls back to torch and ``backend="cpu"`` raises with the reason.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
-from pathlib import Path
 
 import torch
 
-from softjac.kernels import _cbuild
+from softjac.kernels import _loader
 
 __all__ = [
     "CE_DTYPES",
     "available",
+    "capability",
     "cross_entropy_backward",
     "cross_entropy_backward_inner",
     "cross_entropy_forward",
     "cross_entropy_forward_inner",
+    "jacobian_logits",
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_from_logits",
+    "softmax_vjp_logits",
     "unavailable_reason",
 ]
 
 # Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / f"{name}.c" for name in ("vjp", "softmax", "cross_entropy", "dense")]
-_ABI = 6
+_ABI = 7
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -51,28 +51,27 @@ _SUFFIX = {
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+_variant = ""
 _fns: dict[str, ctypes._CFuncPtr] = {}  # every entry point by name, typed by _load
 
 
-# Module-level names so that tests can replace them (e.g. a missing compiler).
-_cache_dir = _cbuild.cache_dir
-_compiler = _cbuild.find_compiler
-
-
 def _load() -> ctypes.CDLL | None:
-    global _lib, _error
+    global _lib, _error, _variant
     if _lib is not None or _error is not None:
         return _lib
     with _lock:
         if _lib is not None or _error is not None:
             return _lib
-        # one unit per kernel family, compiled at once and linked into one library
-        lib, why = _cbuild.load_library(_SOURCES, "softjac_cpu", compiler=_compiler)
+        lib, why, variant = _loader.load("softjac_cpu")
         if lib is None:
             _error = why
             return None
-        if lib.softjac_cpu_abi() != _ABI:
-            _error = "the cached C kernel has the wrong ABI version; clear " + str(_cache_dir())
+        abi = lib.softjac_cpu_abi()
+        if abi != _ABI:
+            _error = (
+                f"the built C kernels have ABI version {abi}, this softjac needs {_ABI}; "
+                "rebuild them (`pip install -e .` in the source tree)"
+            )
             return None
         i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         # z, target, weight, w_sum, loss, m, ls, n, k, stride, ignore, eps, threads
@@ -86,6 +85,8 @@ def _load() -> ctypes.CDLL | None:
             signatures[f"softjac_vjp_inner_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, cint]
             signatures[f"softjac_vjp_logits_{suffix}"] = [ptr, ptr, ptr, ptr] + [i64] * 5 + [cint]
             signatures[f"softjac_jac_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_vjp_exact_{suffix}"] = [ptr, ptr, ptr] + [i64] * 5 + [cint]
+            signatures[f"softjac_jac_logits_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
             if suffix == "f64":  # float32 math only: float64 stays on torch
                 continue
             signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
@@ -101,13 +102,20 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes = argtypes
             fn.restype = cint
             _fns[name] = fn
-        _lib = lib
+        _lib, _variant = lib, variant
         return _lib
 
 
 def available() -> bool:
-    """Whether the C kernel is built (building it on the first call)."""
+    """Whether the C kernels are built and load on this machine (loading them on first call)."""
     return _load() is not None
+
+
+def capability() -> str:
+    """The instruction-set variant of the loaded kernels: ``"baseline"``, ``"avx2"`` or
+    ``"avx512"`` (empty string when they are unavailable)."""
+    _load()
+    return _variant
 
 
 def unavailable_reason() -> str:
@@ -244,11 +252,55 @@ def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor)
     n = z2.numel() // k if k else 0
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     lse1 = lse.to(acc).reshape(-1).contiguous()
-    lse1 = torch.where(torch.isfinite(lse1), lse1, torch.zeros((), dtype=acc))  # masked rows
+    # masked rows (lse = -inf) give zeros with any finite lse; +inf or NaN stays, so that
+    # exp(z - lse) is NaN somewhere and the whole row NaN
+    lse1 = torch.where(lse1 == float("-inf"), torch.zeros((), dtype=acc), lse1)
     if n and k:
         fn = _fns[f"softjac_vjp_logits_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), lse1.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so,
            torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J v`` over the last dim straight from logits ``z``, with σ never rounded: the
+    formula of ``softjac._core.vjp_logits_last`` (``e = exp(z − max z)``, ``r = Σ_{j≠i*} e_j``,
+    ``S = 1 + r``, ``(J v)_i = e_i (v_i S − Σ_j e_j v_j) / S²``, the argmax entry
+    ``Σ_{j≠i*} e_j (v_{i*} − v_j) / S²``) by the C kernel in two passes over each row (one
+    read of ``z`` and ``v`` from memory, the max found online), O(K) per row. Float math for
+    float32/bfloat16/float16, double for float64; the dtype of ``z``, which ``v`` must share.
+    A NaN in a row (of ``z`` or ``v``) or a +inf logit makes that row NaN; −inf is masked and
+    a fully masked row gives zeros; ``v`` near the overflow threshold is scaled internally, so
+    the result is finite wherever the exact one is representable."""
+    _lib_or_raise()
+    shape = z.shape
+    k = shape[-1] if z.dim() else 1
+    z2, sz = _rows(z)
+    v2, sv = _rows(v)
+    out = torch.empty(shape, dtype=z.dtype)
+    o2, so = _rows(out)
+    n = z2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_vjp_exact_{_SUFFIX[z.dtype]}"]
+        fn(z2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so, torch.get_num_threads())
+    return out
+
+
+def jacobian_logits(z: torch.Tensor) -> torch.Tensor:
+    """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` straight from logits ``z``, with σ
+    never rounded: the formula of ``softjac._core.jacobian_logits_last`` (``J_ij = −e_i e_j /
+    S²``, ``J_ii = e_i (S − e_i) / S²``, the argmax's ``S − e_{i*}`` as ``r``), by the C
+    writer: K exponentials per row, then O(K²) written once; the dtype of ``z``. Rows with a
+    NaN or a +inf give NaN blocks, fully masked rows zeros."""
+    _lib_or_raise()
+    k = z.shape[-1]
+    z2, sz = _rows(z)
+    out = torch.empty((*z.shape, k), dtype=z.dtype)
+    n = z2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"softjac_jac_logits_{_SUFFIX[z.dtype]}"]
+        if fn(z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()):
+            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
     return out
 
 

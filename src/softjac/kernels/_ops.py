@@ -43,6 +43,8 @@ from softjac.kernels import dispatch
 __all__ = [
     "NAMESPACE",
     "fake_like",
+    "probs_partial",
+    "probs_tangent",
     "jacobian_logits",
     "register",
     "same_layout",
@@ -89,14 +91,13 @@ def register(
 
 
 def same_layout(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` in the layout ``torch.empty_like(x)`` has (what the fake implementations
-    promise): a copy only when a kernel returned another layout."""
-    if out.stride() == x.stride() or (x.is_contiguous() and out.is_contiguous()):
+    """``out`` as a tensor of its own in the layout ``torch.empty_like(x)`` has (what the fake
+    implementations promise). A contiguous result is returned as it is; a permuted one (the
+    CPU VJP kernel returns the layout of an input whose class dim is not innermost, as a
+    ``movedim`` view) is copied once, since an op's output must not be a view."""
+    if out.is_contiguous() and (x.is_contiguous() or out.stride() == x.stride()):
         return out
-    like = torch.empty_like(x, dtype=out.dtype)
-    if like.stride() == out.stride():
-        return out
-    return like.copy_(out)
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
 
 
 def fake_like(index: int = 0, *, square: bool = False) -> Callable:
@@ -174,8 +175,40 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dim=-1, keepdim=True)
 
 
+def probs_partial(g: torch.Tensor, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``∂⟨g, u⟩/∂σ`` for the product ``u = J(σ) v`` the kernels compute, in at least float32.
+
+    The kernels evaluate the argmax entry as ``u_{i*} = σ_{i*} Σ_{j≠i*} σ_j (v_{i*} − v_j)``,
+    which equals ``σ_{i*} (v_{i*} − ⟨σ, v⟩)`` on the simplex and is
+    ``σ_{i*} (S v_{i*} − ⟨σ, v⟩)`` with ``S = Σ σ`` for any σ. Its exact derivative is
+    ``g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩ + g_{i*} v_{i*} (σ_{i*} 1 + (S − 1) e_{i*})``; the last term
+    is a constant vector on the simplex (it vanishes through softmax, ``J 1 = 0``) and makes
+    finite differences in σ off the simplex agree too."""
+    gc, pc, vc = _up(g), _up(p), _up(v)
+    idx = pc.argmax(dim=-1, keepdim=True)
+    gv = gc.gather(-1, idx) * vc.gather(-1, idx)
+    out = gc * (vc - _dot(pc, vc)) - vc * _dot(gc, pc) + gv * pc.gather(-1, idx)
+    return out.scatter_add(-1, idx, gv * (pc.sum(dim=-1, keepdim=True) - 1))
+
+
+def probs_tangent(dp: torch.Tensor, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The tangent of ``u = J(σ) v`` (as the kernels compute it, see :func:`probs_partial`) for
+    a tangent ``dσ`` of σ, in at least float32: ``dσ ⊙ (v − ⟨σ, v⟩) − σ ⟨dσ, v⟩`` plus, at the
+    argmax, ``v_{i*} ((S − 1) dσ_{i*} + σ_{i*} Σ dσ)``."""
+    dc, pc, vc = _up(dp), _up(p), _up(v)
+    idx = pc.argmax(dim=-1, keepdim=True)
+    vi = vc.gather(-1, idx)
+    extra = vi * (
+        (pc.sum(-1, keepdim=True) - 1) * dc.gather(-1, idx)
+        + pc.gather(-1, idx) * dc.sum(-1, keepdim=True)
+    )
+    out = dc * (vc - _dot(pc, vc)) - pc * _dot(dc, vc)
+    return out.scatter_add(-1, idx, extra)
+
+
 def _probs_part(g: torch.Tensor, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``∂⟨g, J(σ) v⟩/∂σ = g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩`` in at least float32."""
+    """``∂⟨g, J(σ) v⟩/∂σ = g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩`` (σ on the simplex, where the argmax
+    correction of :func:`probs_partial` vanishes after the chain through softmax)."""
     gc, pc, vc = _up(g), _up(p), _up(v)
     return gc * (vc - _dot(pc, vc)) - vc * _dot(gc, pc)
 
@@ -216,7 +249,7 @@ def _vjp_backward(ctx, g):
     if ctx.needs_input_grad[1]:
         gv = softmax_vjp(p, g.to(p.dtype), ctx.backend).to(v.dtype)
     if ctx.needs_input_grad[0]:
-        gp = _probs_part(g, p, v).to(p.dtype)
+        gp = probs_partial(g, p, v).to(p.dtype)
     return gp, gv, None
 
 

@@ -19,7 +19,11 @@ Softmax VJP, ``J v = σ ⊙ (v − ⟨σ, v⟩)`` with the argmax entry as
   which the Triton interpreter cannot run and which could not be tested without a GPU in this
   session; see ``docs/benchmarks.md``.
 
-``from_logits`` variants recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
+The exact VJP from logits (``softmax_vjp_logits``, what ``softjac.vjp`` runs on CUDA) never
+rounds σ on its own: the formula of ``softjac._core.vjp_logits_last``, with the same one-row and
+split-row structure (two reads of the data at most).
+
+``from_logits`` variants of the VJP from σ recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
 −inf and ``lse`` anything give σ = 0).
 """
 
@@ -36,6 +40,7 @@ __all__ = [
     "cross_entropy_forward",
     "softmax_jacobian_dense",
     "softmax_vjp",
+    "softmax_vjp_logits",
     "vjp_block_size",
 ]
 
@@ -201,6 +206,172 @@ def softmax_vjp(
     )  # fmt: skip
     _vjp_split_fix_kernel[(n,)](
         o2, ws_s, ws_m, ws_i, ws_t, k, so, n_chunks, NC_BLOCK=nc_block, num_warps=1
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact VJP from logits: σ never rounded on its own (the formula of softjac._core.vjp_logits_last).
+#   e = exp(z − max z) (e_{i*} = 1), r = Σ_{j≠i*} e_j, S = 1 + r, w = Σ_j e_j v_j,
+#   (J v)_i = e_i (v_i S − w) / S²,  (J v)_{i*} = Σ_{j≠i*} e_j (v_{i*} − v_j) / S²,
+#   y / S² taken as y − y · r (2 + r) / S² when r ≤ 1 (keeps what fl(1 + r) drops).
+# A NaN in a row of z or v, or a +inf logit, makes the row NaN; a fully masked row gives zeros.
+
+
+@triton.jit
+def _div_s2(y, r):
+    s = 1.0 + r
+    s2 = s * s
+    return tl.where(r <= 1.0, y - y * (r * (2.0 + r) / s2), y / s2)
+
+
+@triton.jit
+def _exact_row_kernel(z_ptr, v_ptr, o_ptr, K, sz, sv, so, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    z = tl.load(z_ptr + row * sz + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    v = tl.load(v_ptr + row * sv + cols, mask=mask, other=0.0).to(tl.float32)
+    bad = tl.max(tl.where((z != z) | (z == float("inf")), 1, 0), axis=0)
+    m = tl.max(z, axis=0)
+    live = m > float("-inf")
+    m_safe = tl.where(live, m, 0.0)
+    e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_safe))
+    istar = tl.min(tl.where((z == m) & mask, cols, BLOCK), axis=0)
+    at = cols == istar
+    r = tl.sum(tl.where(at, 0.0, e), axis=0)
+    w = tl.sum(e * v, axis=0)
+    v_star = tl.sum(tl.where(at, v, 0.0), axis=0)
+    q = tl.sum(tl.where(at, 0.0, e * (v_star - v)), axis=0)
+    y = tl.where(at, q, e * (v * (1.0 + r) - w))
+    out = tl.where(live, _div_s2(y, r), 0.0)
+    out = tl.where(bad > 0, float("nan"), out)
+    tl.store(o_ptr + row * so + cols, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _exact_partials_kernel(
+    z_ptr, v_ptr, ws_m, ws_i, ws_r, ws_w, ws_b, K, sz, sv, n_chunks, CHUNK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < K
+    z = tl.load(z_ptr + row * sz + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    v = tl.load(v_ptr + row * sv + cols, mask=mask, other=0.0).to(tl.float32)
+    m = tl.max(z, axis=0)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_safe))
+    ic = tl.min(tl.where((z == m) & mask, cols, K), axis=0)
+    slot = row * n_chunks + c
+    tl.store(ws_m + slot, m)
+    tl.store(ws_i + slot, ic)
+    tl.store(ws_r + slot, tl.sum(tl.where(cols == ic, 0.0, e), axis=0))
+    tl.store(ws_w + slot, tl.sum(e * v, axis=0))
+    bad = (z != z) | (z == float("inf")) | (v != v)
+    tl.store(ws_b + slot, tl.max(tl.where(bad, 1, 0), axis=0))
+
+
+@triton.jit
+def _exact_combine(ws_m, ws_i, ws_r, ws_w, ws_b, row, n_chunks, K, NC_BLOCK: tl.constexpr):
+    """(max, argmax, r, w, bad) of a row from its chunks' partials."""
+    cc = tl.arange(0, NC_BLOCK)
+    cmask = cc < n_chunks
+    base = row * n_chunks
+    ms = tl.load(ws_m + base + cc, mask=cmask, other=float("-inf"))
+    m = tl.max(ms, axis=0)
+    idx = tl.load(ws_i + base + cc, mask=cmask, other=K)
+    istar = tl.min(tl.where((ms == m) & cmask, idx, K), axis=0)
+    m_safe = tl.where(m > float("-inf"), m, 0.0)
+    scale = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_safe))
+    rc = tl.load(ws_r + base + cc, mask=cmask, other=0.0)
+    # each chunk's own argmax element counts in r unless it is the row's argmax
+    r = tl.sum(scale * (rc + tl.where(idx == istar, 0.0, 1.0)), axis=0)
+    w = tl.sum(scale * tl.load(ws_w + base + cc, mask=cmask, other=0.0), axis=0)
+    bad = tl.max(tl.load(ws_b + base + cc, mask=cmask, other=0), axis=0)
+    return m, istar, r, w, bad
+
+
+@triton.jit
+def _exact_write_kernel(
+    z_ptr, v_ptr, o_ptr, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, K, sz, sv, so, n_chunks,
+    CHUNK: tl.constexpr, NC_BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    m, istar, r, w, bad = _exact_combine(ws_m, ws_i, ws_r, ws_w, ws_b, row, n_chunks, K, NC_BLOCK)
+    live = m > float("-inf")
+    m_safe = tl.where(live, m, 0.0)
+    v_star = tl.load(v_ptr + row * sv + tl.minimum(istar, K - 1)).to(tl.float32)
+    cols = c * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < K
+    z = tl.load(z_ptr + row * sz + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    v = tl.load(v_ptr + row * sv + cols, mask=mask, other=0.0).to(tl.float32)
+    e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_safe))
+    at = cols == istar
+    out = tl.where(live, _div_s2(e * (v * (1.0 + r) - w), r), 0.0)
+    out = tl.where(bad > 0, float("nan"), out)
+    tl.store(o_ptr + row * so + cols, out.to(o_ptr.dtype.element_ty), mask=mask & (cols != istar))
+    tl.store(ws_q + row * n_chunks + c, tl.sum(tl.where(at, 0.0, e * (v_star - v)), axis=0))
+
+
+@triton.jit
+def _exact_fix_kernel(
+    o_ptr, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, K, so, n_chunks, NC_BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    m, istar, r, _, bad = _exact_combine(ws_m, ws_i, ws_r, ws_w, ws_b, row, n_chunks, K, NC_BLOCK)
+    cc = tl.arange(0, NC_BLOCK)
+    q = tl.sum(tl.load(ws_q + row * n_chunks + cc, mask=cc < n_chunks, other=0.0), axis=0)
+    out = tl.where(m > float("-inf"), _div_s2(q, r), 0.0)
+    out = tl.where(bad > 0, float("nan"), out)
+    tl.store(o_ptr + row * so + tl.minimum(istar, K - 1), out.to(o_ptr.dtype.element_ty))
+
+
+def softmax_vjp_logits(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    split_threshold: int = SPLIT_THRESHOLD,
+    split_chunk: int = SPLIT_CHUNK,
+) -> torch.Tensor:
+    """``J(σ(z)) v`` over the last dim exactly from logits (σ never rounded on its own; the
+    formula of ``softjac._core.vjp_logits_last``), float32 math, output in ``z``'s dtype.
+    Rows up to ``split_threshold`` columns: one program per row, one read of ``z`` and ``v``,
+    one write. Longer rows: per-chunk partials (max, argmax, ``Σ_{j≠i_c} e_j``, ``Σ e_j v_j``),
+    then a second read that writes every entry but the argmax's and its chunk's part of
+    ``Σ_{j≠i*} e_j (v_{i*} − v_j)``, then one value per row: two passes over the data."""
+    shape = z.shape
+    k = shape[-1]
+    out = torch.empty(shape, dtype=z.dtype, device=z.device)
+    if out.numel() == 0:
+        return out
+    z2, v2 = _as_rows(z), _as_rows(v)
+    o2 = out.view(-1, k)
+    n = z2.shape[0]
+    sz, sv, so = _row_stride(z2), _row_stride(v2), _row_stride(o2)
+    if k <= split_threshold:
+        block = vjp_block_size(k)
+        _exact_row_kernel[(n,)](z2, v2, o2, k, sz, sv, so, BLOCK=block, num_warps=_num_warps(block))
+        return out
+    chunk = triton.next_power_of_2(split_chunk)
+    n_chunks = triton.cdiv(k, chunk)
+    nc_block = max(2, triton.next_power_of_2(n_chunks))
+    dev = z.device
+    ws_m = torch.empty((n, n_chunks), dtype=torch.float32, device=dev)
+    ws_r, ws_w, ws_q = torch.empty_like(ws_m), torch.empty_like(ws_m), torch.empty_like(ws_m)
+    ws_i = torch.empty((n, n_chunks), dtype=torch.int32, device=dev)
+    ws_b = torch.empty_like(ws_i)
+    warps = _num_warps(chunk)
+    _exact_partials_kernel[(n, n_chunks)](
+        z2, v2, ws_m, ws_i, ws_r, ws_w, ws_b, k, sz, sv, n_chunks, CHUNK=chunk, num_warps=warps
+    )
+    _exact_write_kernel[(n, n_chunks)](
+        z2, v2, o2, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, k, sz, sv, so, n_chunks,
+        CHUNK=chunk, NC_BLOCK=nc_block, num_warps=warps,
+    )  # fmt: skip
+    _exact_fix_kernel[(n,)](
+        o2, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, k, so, n_chunks, NC_BLOCK=nc_block, num_warps=1
     )
     return out
 

@@ -95,6 +95,7 @@ __all__ = [
     "cross_entropy_backward",
     "cross_entropy_forward",
     "graph_needs",
+    "has_memory",
     "info",
     "jacobian_logits",
     "resolve_backend",
@@ -141,10 +142,6 @@ _TRITON_OPS = frozenset(
         "cross_entropy_backward",
     }
 )
-# The exact from-logits C entry points (σ never rounded on its own). Until they exist,
-# "auto" keeps these two ops on the exact PyTorch path and an explicit "cpu" runs the C
-# kernels on rounded probabilities.
-_EXACT_C = {"softmax_vjp_logits": "softmax_vjp_logits", "jacobian_logits": "jacobian_logits"}
 # Public op names and what ``info()`` reports them as.
 OPS = (
     "softmax",
@@ -155,11 +152,6 @@ OPS = (
     "cross_entropy_forward",
     "cross_entropy_backward",
 )
-
-
-def _has_exact_c(op: str) -> bool:
-    name = _EXACT_C.get(op)
-    return name is None or hasattr(_cpu, name)
 
 
 # Set when a Triton kernel failed to compile or launch under "auto": the rest of the process
@@ -205,7 +197,7 @@ def _triton_module() -> ModuleType:
     return _triton
 
 
-def _has_storage(x: torch.Tensor) -> bool:
+def has_memory(x: torch.Tensor) -> bool:
     """False for tensors without memory of their own (the wrappers of ``torch.func``
     transforms: ``vmap``, ``grad``, ``jvp`` …), whose storage cannot be accessed."""
     try:
@@ -221,7 +213,7 @@ def _opaque(x: torch.Tensor) -> str:
         return "inside torch.compile tracing"
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         return f"a tensor subclass ({type(x).__name__})"
-    if not _has_storage(x):
+    if not has_memory(x):
         return "a tensor without storage (inside vmap or another torch.func transform)"
     return ""
 
@@ -238,7 +230,7 @@ def graph_needs(*tensors: torch.Tensor | None) -> str:
             continue
         if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
             return "transform"
-        if not _has_storage(t):
+        if not has_memory(t):
             return "transform"
         if _fw_ad.unpack_dual(t).tangent is not None:
             return "forward"
@@ -272,8 +264,6 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
         return "torch", f"no kernel for device {dev}"
     if not _has_c_kernel(op, x):
         return "torch", f"no C kernel for {x.dtype}"
-    if not _has_exact_c(op):
-        return "torch", "the exact from-logits C kernel is not built (exact PyTorch path)"
     if op == "softmax" and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
         return "torch", "class dim not innermost (the C kernel would copy; torch reads it in place)"
     if not _cpu.available():
@@ -409,15 +399,13 @@ def run_softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "aut
         return _exact_vjp_torch(z, v)
     v = v.to(z.dtype)
     if chosen == "cpu":
-        if hasattr(_cpu, "softmax_vjp_logits"):
-            return _cpu.softmax_vjp_logits(z, v)
-        return _cpu.softmax_vjp_from_logits(z, _core.logsumexp_last(_up(z)), v)
-    tri = _triton_module()
-    if hasattr(tri, "softmax_vjp_logits"):
-        run = lambda: tri.softmax_vjp_logits(z, v)  # noqa: E731
-    else:
-        run = lambda: tri.softmax_vjp(z, v, lse=_core.logsumexp_last(_up(z)))  # noqa: E731
-    return _triton_or_fallback(backend, fn, run, lambda: _exact_vjp_torch(z, v))
+        return _cpu.softmax_vjp_logits(z, v)
+    return _triton_or_fallback(
+        backend,
+        fn,
+        lambda: _triton_module().softmax_vjp_logits(z, v),
+        lambda: _exact_vjp_torch(z, v),
+    )
 
 
 def _exact_jacobian_torch(z: torch.Tensor) -> torch.Tensor:
@@ -432,9 +420,7 @@ def run_jacobian_logits(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     if chosen == "torch" or z.numel() == 0:
         return _exact_jacobian_torch(z)
     if chosen == "cpu":
-        if hasattr(_cpu, "jacobian_logits"):
-            return _cpu.jacobian_logits(z)
-        return _cpu.softmax_jacobian_dense(_core.softmax_last(_up(z)).to(z.dtype))
+        return _cpu.jacobian_logits(z)
     p = _core.softmax_last(_up(z)).to(z.dtype)
     return _triton_or_fallback(
         backend,

@@ -1,7 +1,7 @@
 /* softjac secular-equation solver: the fused CPU loop of softjac._spectral._solve_roots.
  *
- * Plain C (no Python headers), compiled at first use by softjac/kernels/_cbuild.py with
- * `cc -O3 -march=native -fopenmp -shared -fPIC` and loaded with ctypes; the PyTorch loop in
+ * Plain C (no Python headers), built at install time by softjac/kernels/_cbuild.py (one
+ * library per instruction-set variant) and loaded with ctypes; the PyTorch loop in
  * _spectral.py is the reference and the fallback.  The four sums of one evaluation,
  *   |tau| (psi, phi) and tau^2 (psi', phi') at lambda = o + tau,
  * are the whole O(K^2) cost of the solver; here they take one pass per row and iteration.

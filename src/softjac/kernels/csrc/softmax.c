@@ -19,10 +19,26 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
     const float ninf = -__builtin_inff();
     const cvf zero = {0};
     cvf mv = zero + ninf;
+    cvi nanv = (cvi){0};
     int64_t j = 0;
-    for (; j + CVL <= k; j += CVL) mv = cvmax(cvld(z + j), mv);
-    if (j < k) mv = cvmax(cvld_part(z + j, k - j, ninf), mv);
+    for (; j + CVL <= k; j += CVL) {
+        const cvf x = cvld(z + j);
+        mv = cvmax(x, mv);
+        nanv |= x != x;
+    }
+    if (j < k) {
+        const cvf x = cvld_part(z + j, k - j, ninf);
+        mv = cvmax(x, mv);
+        nanv |= x != x;
+    }
     const float m = chmax(mv);
+    int anynan = 0;
+    for (int l = 0; l < CVL; ++l) anynan |= nanv[l];
+    if (anynan || m == -ninf) { /* a NaN or a +inf: NaN throughout, as torch.softmax */
+        const float qnan = __builtin_nanf("");
+        for (j = 0; j < k; ++j) out[j] = qnan;
+        return;
+    }
     if (m == ninf) {
         memset(out, 0, (size_t)k * sizeof(float));
         return;
@@ -74,10 +90,16 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
             T *orow = out + i * k;                                                                \
             SOFTMAX_FAST_##SUFFIX                                                                 \
             float m = -__builtin_inff();                                                          \
-            _Pragma("omp simd reduction(max : m)")                                                \
+            int nan = 0;                                                                          \
+            _Pragma("omp simd reduction(max : m) reduction(| : nan)")                             \
             for (int64_t j = 0; j < k; ++j) {                                                     \
                 const float x = LOAD(zr + j);                                                     \
                 m = x > m ? x : m;                                                                \
+                nan |= x != x;                                                                    \
+            }                                                                                     \
+            if (nan || m == __builtin_inff()) {                                                   \
+                for (int64_t j = 0; j < k; ++j) STORE(orow + j, __builtin_nanf(""));              \
+                continue;                                                                         \
             }                                                                                     \
             if (m == -__builtin_inff()) {                                                         \
                 for (int64_t j = 0; j < k; ++j) STORE(orow + j, 0.0f);                            \

@@ -401,4 +401,276 @@ DEFINE_VJP_INNER(bf16, bf16_t, float, LOAD_BF16, STORE_BF16)
 DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
 
 /* ABI version, checked by the loader. */
-int softjac_cpu_abi(void) { return 6; }
+int softjac_cpu_abi(void) { return 7; }
+
+/* softjac_vjp_exact_<dt>(z, v, out, n, k, row strides of z, v, out, threads): J v straight
+ * from logits, with sigma never rounded (the formula of softjac._core.vjp_logits_last):
+ *   e_j = exp(z_j - m), m = max z, i* = first argmax (e_{i*} = 1), r = sum_{j != i*} e_j,
+ *   S = 1 + r, A = sum_j e_j v_j,
+ *   out_j = e_j u_j / S^2 with u_j = v_j S - A, and u_{i*} = sum_{j != i*} e_j (v_{i*} - v_j)
+ *   (no cancellation), 1/S^2 applied as y - y r (2 + r) / S^2 where r <= 1 (r kept even where
+ *   fl(1 + r) = 1), else as y / S^2.
+ * Two passes over the row, the only read from DRAM in the first:
+ *   pass 1, block by block (BLK entries, in L1 for the second look): the block's max; if it
+ *     exceeds the running max m, the sums so far are rescaled by exp(m_old - m_new) (the old
+ *     argmax joining r) and i* moves to the block's first maximum; then r and A accumulate
+ *     exp(z_j - m) and exp(z_j - m) v_j;
+ *   pass 2 (from cache): e_j again, out_j, and the argmax's sum.
+ * Float math for float/half/bfloat16 data (exp_full_f32: accurate down to subnormals), double
+ * for double (libm exp); block sums in the working precision, the blocks added in double.
+ * NaN contract: a NaN in z or v, or a +inf in z, makes the row all NaN; -inf is masked; a row
+ * with every z = -inf gives zeros.  Products that could overflow (max |v| near the overflow
+ * threshold over 4 (K + 1)) are computed with v scaled by a power of two and the result
+ * scaled back: finite wherever the exact result is representable. */
+#define EXACT_SCALE_NEEDED(ACC, vmax, k) ((vmax) > EXACT_MAX_##ACC / (ACC)(4 * ((k) + 1)))
+#define EXACT_MAX_float 3.4028234663852886e+38f
+#define EXACT_MAX_double 1.7976931348623157e+308
+#define EXACT_EMAX_float 128 /* FLT_MAX < 2^128 */
+#define EXACT_EMAX_double 1024
+
+/* The power of two sh with vmax 2^-sh 4 (k + 1) < 2^(emax - 1): every sum and product of the
+ * row then stays below half the overflow threshold. */
+static inline int exact_shift(double vmax, int64_t k, int emax) {
+    int ev;
+    (void)__builtin_frexp(vmax, &ev); /* vmax < 2^ev */
+    const uint64_t w = 4 * (uint64_t)(k + 1) - 1;
+    const int lk = 64 - __builtin_clzll(w); /* 2^lk > 4 (k + 1) - 1 */
+    const int sh = ev + lk - emax + 1;
+    return sh > 0 ? sh : 0;
+}
+
+#define DEFINE_VJP_EXACT_GENERIC(SUFFIX, T, ACC, LOAD, STORE, EXP)                               \
+    static void vjp_exact_row_generic_##SUFFIX(const T *z, const T *v, T *out, int64_t k) {     \
+        const ACC ninf = -(ACC)__builtin_inf();                                                   \
+        ACC tv = 1, to = 1; /* v scaled by tv (a power of two), the result by to = 1 / tv */      \
+    again:;                                                                                       \
+        ACC m = ninf, vmax = 0;                                                                   \
+        int64_t istar = -1;                                                                       \
+        int nan = 0;                                                                              \
+        double r_acc = 0, a_acc = 0;                                                              \
+        for (int64_t b = 0; b < k; b += BLK) {                                                    \
+            const int64_t e = b + BLK < k ? b + BLK : k;                                          \
+            ACC bm = ninf;                                                                        \
+            int bn = 0;                                                                           \
+            _Pragma("omp simd reduction(max : bm) reduction(| : bn)")                            \
+            for (int64_t j = b; j < e; ++j) {                                                     \
+                const ACC x = LOAD(z + j);                                                        \
+                bm = x > bm ? x : bm;                                                             \
+                bn |= x != x;                                                                     \
+            }                                                                                     \
+            nan |= bn;                                                                            \
+            if (bm > m) {                                                                         \
+                int64_t i = b;                                                                    \
+                while (LOAD(z + i) != bm) ++i;                                                    \
+                const ACC c = m == ninf ? (ACC)0 : EXP(m - bm);                                   \
+                r_acc = m == ninf ? 0.0 : (r_acc + 1.0) * (double)c;                              \
+                a_acc *= (double)c;                                                               \
+                m = bm;                                                                           \
+                istar = i;                                                                        \
+            }                                                                                     \
+            ACC rb = 0, ab = 0, vb = 0;                                                           \
+            if (m != ninf) {                                                                      \
+                _Pragma("omp simd reduction(+ : rb, ab) reduction(max : vb)")                    \
+                for (int64_t j = b; j < e; ++j) {                                                 \
+                    const ACC ej = EXP(LOAD(z + j) - m), vj = LOAD(v + j) * tv;                   \
+                    ab += ej * vj;                                                                \
+                    rb += j == istar ? (ACC)0 : ej;                                               \
+                    const ACC av = vj < 0 ? -vj : vj;                                             \
+                    vb = av > vb ? av : vb;                                                       \
+                }                                                                                 \
+            } else { /* masked so far: only v's NaN and size matter */                            \
+                int vn = 0;                                                                       \
+                _Pragma("omp simd reduction(| : vn) reduction(max : vb)")                        \
+                for (int64_t j = b; j < e; ++j) {                                                 \
+                    const ACC vj = LOAD(v + j) * tv, av = vj < 0 ? -vj : vj;                      \
+                    vn |= vj != vj;                                                               \
+                    vb = av > vb ? av : vb;                                                       \
+                }                                                                                 \
+                nan |= vn;                                                                        \
+            }                                                                                     \
+            r_acc += (double)rb;                                                                  \
+            a_acc += (double)ab;                                                                  \
+            vmax = vb > vmax ? vb : vmax;                                                         \
+        }                                                                                         \
+        if (nan || m == -ninf) {                                                                  \
+            for (int64_t j = 0; j < k; ++j) STORE(out + j, (ACC)__builtin_nan(""));               \
+            return;                                                                               \
+        }                                                                                         \
+        if (m == ninf) { /* every entry masked: zeros */                                          \
+            for (int64_t j = 0; j < k; ++j) STORE(out + j, (ACC)0);                               \
+            return;                                                                               \
+        }                                                                                         \
+        if (tv == 1 && EXACT_SCALE_NEEDED(ACC, vmax, k) && vmax - vmax == 0) {                    \
+            const int sh = exact_shift((double)vmax, k, EXACT_EMAX_##ACC);                        \
+            tv = (ACC)__builtin_ldexp(1.0, -sh);                                                  \
+            to = (ACC)__builtin_ldexp(1.0, sh);                                                   \
+            goto again; /* the rare slow path: the row once more, with v scaled */                \
+        }                                                                                         \
+        const ACC r = (ACC)r_acc, s = 1 + r, a = (ACC)a_acc, vs = LOAD(v + istar) * tv;         \
+        const int small = r <= 1;                                                                 \
+        const ACC kk = small ? r * (2 + r) / (s * s) : (ACC)0;                                    \
+        const ACC c2 = small ? (ACC)1 : (ACC)1 / (s * s);                                         \
+        double q_acc = 0;                                                                         \
+        for (int64_t b = 0; b < k; b += BLK) {                                                    \
+            const int64_t e = b + BLK < k ? b + BLK : k;                                          \
+            ACC qb = 0;                                                                           \
+            _Pragma("omp simd reduction(+ : qb)")                                                 \
+            for (int64_t j = b; j < e; ++j) {                                                     \
+                const ACC ej = EXP(LOAD(z + j) - m), vj = LOAD(v + j) * tv;                       \
+                const ACC y = ej * (vj * s - a);                                                  \
+                STORE(out + j, (y * c2 - y * kk) * to);                                           \
+                qb += ej * (vs - vj);                                                             \
+            }                                                                                     \
+            q_acc += (double)qb;                                                                  \
+        }                                                                                         \
+        const ACC q = (ACC)q_acc;                                                                 \
+        STORE(out + istar, (q * c2 - q * kk) * to);                                               \
+    }
+
+DEFINE_VJP_EXACT_GENERIC(f32, float, float, LOAD_F32, STORE_F32, exp_full_f32)
+DEFINE_VJP_EXACT_GENERIC(f64, double, double, LOAD_F64, STORE_F64, exp_f64)
+DEFINE_VJP_EXACT_GENERIC(bf16, bf16_t, float, LOAD_BF16, STORE_BF16, exp_full_f32)
+DEFINE_VJP_EXACT_GENERIC(f16, f16_t, float, LOAD_F16, STORE_F16, exp_full_f32)
+
+#ifdef SOFTJAC_VEC
+static inline cvf cvabs(cvf x) {
+    const cvi mask = (cvi){0} + 0x7fffffff;
+    return (cvf)((cvi)x & mask);
+}
+
+/* The float32 row of softjac_vjp_exact with the vector types: the same passes, blocks and
+ * formulas as the generic row (only the order of the float additions inside a block
+ * differs). Returns 1, having written nothing, when the row needs the scaled slow path. */
+static int vjp_exact_row_f32_vec(const float *z, const float *v, float *out, int64_t k) {
+    const float ninf = -__builtin_inff();
+    const cvf zero = {0};
+    cvi lane;
+    for (int l = 0; l < CVL; ++l) lane[l] = l;
+    float m = ninf;
+    int64_t istar = -1;
+    double r_acc = 0, a_acc = 0;
+    cvf vmx = zero;
+    cvi nanv = lane * 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf mv = zero + ninf;
+        int64_t j = b;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf x = cvld(z + j);
+            mv = cvmax(x, mv);
+            nanv |= x != x;
+        }
+        if (j < e) {
+            const cvf x = cvld_part(z + j, e - j, ninf);
+            mv = cvmax(x, mv);
+            nanv |= x != x;
+        }
+        const float bm = chmax(mv);
+        if (bm > m) {
+            int64_t i = b;
+            while (z[i] != bm) ++i;
+            const float c = m == ninf ? 0.0f : exp_full_f32(m - bm);
+            r_acc = m == ninf ? 0.0 : (r_acc + 1.0) * (double)c;
+            a_acc *= (double)c;
+            m = bm;
+            istar = i;
+        }
+        if (m == ninf) { /* masked so far: only v's NaN and size matter */
+            for (j = b; j < e; j += CVL) {
+                const cvf vj = e - j >= CVL ? cvld(v + j) : cvld_part(v + j, e - j, 0.0f);
+                vmx = cvmax(cvabs(vj), vmx);
+                nanv |= vj != vj;
+            }
+            continue;
+        }
+        const cvf mm = zero + m;
+        const cvi is = lane * 0 + (int32_t)istar;
+        cvi jv = lane + (int32_t)b;
+        cvf rs = zero, as = zero;
+        for (j = b; j + CVL <= e; j += CVL, jv += CVL) {
+            const cvf ex = vexp_full(cvld(z + j) - mm), vj = cvld(v + j);
+            as += ex * vj;
+            rs += (cvf)((cvi)ex & ~(jv == is));
+            vmx = cvmax(cvabs(vj), vmx);
+        }
+        if (j < e) { /* filled lanes: exp(-inf) = 0 and v = 0 add nothing */
+            const cvf ex = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            const cvf vj = cvld_part(v + j, e - j, 0.0f);
+            as += ex * vj;
+            rs += (cvf)((cvi)ex & ~(jv == is));
+            vmx = cvmax(cvabs(vj), vmx);
+        }
+        r_acc += (double)chsum(rs);
+        a_acc += (double)chsum(as);
+    }
+    int anynan = 0;
+    for (int l = 0; l < CVL; ++l) anynan |= nanv[l];
+    if (anynan || m == -ninf) {
+        const float qnan = __builtin_nanf("");
+        for (int64_t j = 0; j < k; ++j) out[j] = qnan;
+        return 0;
+    }
+    if (m == ninf) {
+        memset(out, 0, (size_t)k * sizeof(float));
+        return 0;
+    }
+    const float vmax = chmax(vmx);
+    if (EXACT_SCALE_NEEDED(float, vmax, k) || a_acc - a_acc != 0) return 1;
+    const float r = (float)r_acc, s = 1 + r, a = (float)a_acc, vs = v[istar];
+    const int small = r <= 1;
+    const float kk = small ? r * (2 + r) / (s * s) : 0.0f;
+    const float c2 = small ? 1.0f : 1.0f / (s * s);
+    const cvf sv = zero + s, av = zero + a, vsv = zero + vs, kv = zero + kk, cv = zero + c2;
+    const cvf mm = zero + m;
+    double q_acc = 0;
+    int64_t j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf qs = zero;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf ex = vexp_full(cvld(z + j) - mm), vj = cvld(v + j);
+            const cvf y = ex * (vj * sv - av);
+            cvst(out + j, y * cv - y * kv);
+            qs += ex * (vsv - vj);
+        }
+        if (j < e) {
+            const cvf ex = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            const cvf vj = cvld_part(v + j, e - j, 0.0f);
+            const cvf y = ex * (vj * sv - av);
+            cvst_part(out + j, y * cv - y * kv, e - j);
+            qs += ex * (vsv - vj);
+            j = e;
+        }
+        q_acc += (double)chsum(qs);
+    }
+    const float q = (float)q_acc;
+    out[istar] = q * c2 - q * kk;
+    return 0;
+}
+#define VJP_EXACT_ROW_f32(z, v, out, k)                                                           \
+    if ((k) >= ((int64_t)1 << 31) || vjp_exact_row_f32_vec(z, v, out, k))                         \
+        vjp_exact_row_generic_f32(z, v, out, k);
+#else
+#define VJP_EXACT_ROW_f32(z, v, out, k) vjp_exact_row_generic_f32(z, v, out, k);
+#endif
+#define VJP_EXACT_ROW_f64(z, v, out, k) vjp_exact_row_generic_f64(z, v, out, k);
+#define VJP_EXACT_ROW_bf16(z, v, out, k) vjp_exact_row_generic_bf16(z, v, out, k);
+#define VJP_EXACT_ROW_f16(z, v, out, k) vjp_exact_row_generic_f16(z, v, out, k);
+
+#define DEFINE_VJP_EXACT(SUFFIX, T)                                                               \
+    int softjac_vjp_exact_##SUFFIX(const T *z, const T *v, T *out, int64_t n, int64_t k,          \
+                                   int64_t sz, int64_t sv, int64_t so, int nthreads) {            \
+        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        SJ_PARALLEL_ROWS                                                                          \
+        for (int64_t i = 0; i < n; ++i) {                                                         \
+            VJP_EXACT_ROW_##SUFFIX(z + i * sz, v + i * sv, out + i * so, k)                       \
+        }                                                                                         \
+        return 0;                                                                                 \
+    }
+
+DEFINE_VJP_EXACT(f32, float)
+DEFINE_VJP_EXACT(f64, double)
+DEFINE_VJP_EXACT(bf16, bf16_t)
+DEFINE_VJP_EXACT(f16, f16_t)
