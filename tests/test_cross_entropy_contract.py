@@ -33,9 +33,26 @@ def _triton_usable() -> bool:
 BACKENDS = ["torch", "cpu", "auto"] + (["triton"] if _triton_usable() else [])
 
 
+def triton_interpreted() -> bool:
+    """Whether softjac's Triton kernels run under the interpreter in this process (it is chosen
+    when triton is first imported: another test, e.g. a torch.compile one, may have imported
+    it without). Imports them (with ``TRITON_INTERPRET=1`` set by the fixture below)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from softjac.kernels import _triton
+
+    kernels = (_triton._ce_forward_kernel, tl.sum)  # tl.sum: triton's own jit functions
+    return all(isinstance(f, InterpretedFunction) for f in kernels)
+
+
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
+def _interpret(monkeypatch, request):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = getattr(request.node, "callspec", None)
+    if params is not None and params.params.get("backend") == "triton":
+        if not triton_interpreted():
+            pytest.skip("triton was imported without the interpreter in this process")
 
 
 def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:

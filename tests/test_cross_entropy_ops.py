@@ -168,9 +168,5 @@ def test_gradcheck_forward_ad_batched_and_gradgradcheck(backend, case):
     def fn(x):
         return softjac.cross_entropy(x, t, backend=backend, **kw)
 
-    # gradcheck's batched-gradient check runs the backward under a vmap that hands batched
-    # tensors to the Functions' forward; an explicit "cpu" kernel cannot take those and
-    # raises by design ("auto" runs PyTorch there), so that check is for "auto"/"torch".
-    batched = backend != "cpu"
-    assert gradcheck(fn, (z,), check_forward_ad=True, check_batched_grad=batched)
-    assert gradgradcheck(fn, (z,), check_fwd_over_rev=True, check_batched_grad=batched)
+    assert gradcheck(fn, (z,), check_forward_ad=True, check_batched_grad=True)
+    assert gradgradcheck(fn, (z,), check_fwd_over_rev=True, check_batched_grad=True)
