@@ -599,7 +599,7 @@ def jacobian_logits(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     )
 
 
-def _no_graph(fn: str, backend: str, *tensors: torch.Tensor) -> str:
+def _no_graph(fn: str, backend: str, *tensors: torch.Tensor | None) -> str:
     """For the cross-entropy kernels (whose autograd lives in ``softjac._autograd``): the
     backend to use when a graph must be recorded (``"torch"`` under ``"auto"``), or raise."""
     if backend == "torch" or torch.compiler.is_compiling():
