@@ -35,11 +35,13 @@ The entry points are :func:`softmax_last`, :func:`vjp_probs`, :func:`vjp_logits`
   ``∂/∂v = J g``, ``∂/∂z = J (g ⊙ (v − ⟨σ, v⟩) − v ⟨g, σ⟩)``.
 * :class:`JacobianLogits` ``z ↦ J`` (dense, exactly from logits):
   ``∂⟨G, J⟩/∂z = J (diag(G) − (G + Gᵀ) σ)``; tangent ``diag(dσ) − dσ σᵀ − σ dσᵀ``.
-* :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, lse_n)`` per row through
-  ``dispatch.cross_entropy_forward`` (float32 math, float64 for float64 logits; unreduced; the
-  reduction is done by the caller with torch ops). Backward is ``g_n (a_n σ_n − b_n)`` (σ − y
-  with weights and label smoothing) through ``dispatch.cross_entropy_backward`` — never in
-  place on the logits.
+* :class:`CrossEntropyRows` ``(z, y) ↦ (loss_n, m_n, ls_n)`` per row through
+  ``dispatch.cross_entropy_forward(..., stats=True)`` (float32 math, float64 for float64
+  logits; unreduced, the reduction is done by the caller with torch ops; ``lse = m + ls`` is
+  kept as the pair so that σ = ``exp((z − m) − ls)`` is accurate to the row's spread).
+  Backward is ``g_n (a_n σ_n − b_n)`` (σ − y with weights and label smoothing) through
+  ``dispatch.cross_entropy_backward`` — never in place on the logits, exactly 0 on ignored
+  rows.
 * :class:`CrossEntropyBackward` ``(z, g) ↦ g_n (a_n σ_n − b_n)``, its own Function so that
   cross-entropy is twice differentiable: ``∂/∂z = g_n a_n J_n`` (a :class:`SoftmaxVJP`) and
   ``∂/∂g_n = a_n σ_n − b_n``.
@@ -66,8 +68,9 @@ import inspect
 
 import torch
 
+from softjac import _core
 from softjac._checks import as_float_dtype
-from softjac.kernels import _cpu, _ops, _torch, dispatch
+from softjac.kernels import _ce_ops, _ops, dispatch
 
 __all__ = [
     "CrossEntropyBackward",
@@ -427,150 +430,167 @@ _apply_vjp = vjp_probs
 # --------------------------------------------------------------------------------------------
 
 
+def _ce_rows(x: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy logits with the classes last: ``(N, K)`` as is, the ``(B, K, M)`` layout
+    (classes in the middle) as a ``(B, M, K)`` view."""
+    return x.movedim(1, -1) if x.ndim == 3 else x
+
+
+def _ce_unrows(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_ce_rows`."""
+    return x.movedim(-1, 1) if x.ndim == 3 else x
+
+
+def _merge2(x: torch.Tensor | None, bdim: int | None, size: int) -> torch.Tensor | None:
+    """The vmapped dimension moved first and merged with the next one (more rows)."""
+    x = _batched(x, bdim, size)
+    return None if x is None else x.reshape(-1, *x.shape[2:])
+
+
 @_fixed_signature
 class CrossEntropyBackward(torch.autograd.Function):
     """``G(z, g)_n = g_n (a_n σ(z_n) − b_n)``: the cross-entropy gradient, as a Function.
 
     Inputs: logits ``(N, K)``, ``grad_rows (N,)``, and the non-differentiable target ``(N,)``,
-    ``lse (N,)`` (float32 or float64, from the forward), weight, ignore_index, label smoothing, backend.
-    Forward is one ``dispatch.cross_entropy_backward`` call (float32 math, float64 for float64
-    logits; output in the logits dtype, not in place). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and
-    ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n − b_n⟩``, both O(N·K); σ is recomputed through
-    :class:`SoftmaxLast` so that these are differentiable again.
+    the forward's pair ``m (N,)``, ``ls (N,)`` (``lse = m + ls``; float32, float64 for float64
+    logits), weight, ignore_index, label smoothing, backend. Forward is one
+    ``dispatch.cross_entropy_backward`` call with σ = ``exp((z − m) − ls)`` (float32 math,
+    float64 for float64 logits; output in the logits dtype, not in place; ignored rows exactly
+    0). Derivatives: ``∂⟨Γ, G⟩/∂z_n = g_n a_n J_n Γ_n`` and ``∂⟨Γ, G⟩/∂g_n = ⟨Γ_n, a_n σ_n −
+    b_n⟩``, both O(N·K); σ is recomputed through :class:`SoftmaxLast` so that these are
+    differentiable again.
     """
 
     @staticmethod
-    def forward(logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
+    def forward(logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend):
+        if not _memory(logits, grad_rows, target, m, ls):  # gradcheck's batched tensors
+            args = (logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend)
+            return _ce_ops.cross_entropy_backward(*args)
         return dispatch.cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, eps, inplace=False,
+            logits, target, (m, ls), grad_rows, weight, ignore_index, eps, inplace=False,
             backend=backend,
         )  # fmt: skip
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, grad_rows, target, _lse, weight, ignore_index, eps, backend = inputs
+        logits, grad_rows, target, _m, _ls, weight, ignore_index, eps, backend = inputs
         ctx.opts = (ignore_index, eps, backend)
         ctx.save_for_backward(logits, grad_rows, target, weight)
         ctx.save_for_forward(logits, grad_rows, target, weight)
 
     @staticmethod
+    def _scale(p, grad_rows, target, weight, ignore_index, eps):
+        """``g_n a_n`` per row (keepdim), exactly 0 on ignored rows."""
+        k = p.shape[-1]
+        valid, *_, a = _core.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+        scale = torch.where(valid, grad_rows.to(p.dtype) * a, torch.zeros_like(a))
+        return scale.unsqueeze(-1)
+
+    @staticmethod
     def backward(ctx, gG):
         logits, grad_rows, target, weight = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        p = _apply_softmax(_up(logits), backend)
-        gc = _up(gG)
+        p = _apply_softmax(_up(_ce_rows(logits)), backend)
+        gc = _up(_ce_rows(gG))
         gz = gg = None
         if ctx.needs_input_grad[0]:
-            k = p.shape[-1]
-            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
-            gz = (_apply_vjp(p, gc, backend) * scale).to(logits.dtype)
+            scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
+            gz = _ce_unrows((_apply_vjp(p, gc, backend) * scale).to(logits.dtype))
         if ctx.needs_input_grad[1]:
-            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
+            g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             gg = (gc * g1).sum(-1).to(grad_rows.dtype)
-        return gz, gg, None, None, None, None, None, None
+        return gz, gg, None, None, None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dz, dg, *_):
         logits, grad_rows, target, weight = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        p = _apply_softmax(_up(logits), backend)
+        p = _apply_softmax(_up(_ce_rows(logits)), backend)
         out = torch.zeros_like(p)
         if dz is not None:
-            k = p.shape[-1]
-            *_, a = _torch.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-            scale = (grad_rows.to(p.dtype) * a).unsqueeze(-1)
-            out = out + _apply_vjp(p, _up(dz), backend) * scale
+            scale = CrossEntropyBackward._scale(p, grad_rows, target, weight, ignore_index, eps)
+            out = out + _apply_vjp(p, _up(_ce_rows(dz)), backend) * scale
         if dg is not None:
-            g1 = _torch.ce_grad_from_probs(p, target, weight, ignore_index, eps)
+            g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
             out = out + g1 * dg.to(p.dtype).unsqueeze(-1)
-        return out.to(logits.dtype)
+        return _ce_unrows(out.to(logits.dtype))
 
     @staticmethod
-    def vmap(info, in_dims, logits, grad_rows, target, lse, weight, ignore_index, eps, backend):
-        if in_dims[4] is not None:
+    def vmap(info, in_dims, logits, grad_rows, target, m, ls, weight, ignore_index, eps, backend):
+        if in_dims[5] is not None:
             raise NotImplementedError(
                 "`softjac.cross_entropy`: vmap over `weight` is not supported; vmap over the "
                 "logits, target and cotangents instead."
             )
         b = info.batch_size
         z = _batched(logits, in_dims[0], b)
-        n, k = z.shape[1], z.shape[2]
         out = _apply_ce_backward(
-            z.reshape(b * n, k),
-            _batched(grad_rows, in_dims[1], b).reshape(b * n),
-            _batched(target, in_dims[2], b).reshape(b * n),
-            _batched(lse, in_dims[3], b).reshape(b * n),
+            z.reshape(-1, *z.shape[2:]),
+            _merge2(grad_rows, in_dims[1], b),
+            _merge2(target, in_dims[2], b),
+            _merge2(m, in_dims[3], b),
+            _merge2(ls, in_dims[4], b),
             weight,
             ignore_index,
             eps,
             backend,
         )
-        return out.reshape(b, n, k), 0
+        return out.reshape(z.shape), 0
 
 
 @_fixed_signature
 class CrossEntropyRows(torch.autograd.Function):
     """Per-row cross-entropy ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) +
-    (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (0 for ignored rows) and ``lse_n``, float32 (float64
-    for float64 logits).
+    (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` (exactly 0 for ignored rows), float32 (float64 for
+    float64 logits), with every ``lse − z_c`` formed as ``ls − (z_c − m)`` (accurate to the
+    row's spread, ``softjac._core.ce_forward_last``).
 
-    Inputs: logits ``(N, K)`` (any float dtype), int64 target ``(N,)``, weight ``(K,)`` or
-    None (treated as a constant: no gradient), ignore_index, label smoothing ε, backend.
-    Outputs ``(loss (N,), lse (N,))``; ``lse`` is non-differentiable. Backward is
-    :class:`CrossEntropyBackward` (σ − y directly, O(N·K)); saves the logits, target and lse.
+    Inputs: logits ``(N, K)`` (any float dtype), int64 target ``(N,)`` (validated by the
+    caller), weight ``(K,)`` or None (treated as a constant: no gradient), ignore_index, label
+    smoothing ε, backend. Outputs ``(loss (N,), m (N,), ls (N,))``; ``m`` and ``ls`` are
+    non-differentiable. Backward is :class:`CrossEntropyBackward` (σ − y directly, O(N·K));
+    saves the logits, target, m and ls.
     """
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, eps, backend):
-        return dispatch.cross_entropy_forward(
-            logits, target, weight, ignore_index, eps, backend=backend
+        if not _memory(logits, target):  # gradcheck's batched tensors: the op, slice by slice
+            return _ce_ops.cross_entropy_forward(logits, target, weight, ignore_index, eps, backend)
+        loss, (m, ls) = dispatch.cross_entropy_forward(
+            logits, target, weight, ignore_index, eps, backend=backend, stats=True
         )
+        return loss, m, ls
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, eps, backend = inputs
         ctx.opts = (ignore_index, eps, backend)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(logits, target, weight, output[1])
-        ctx.save_for_forward(logits, target, weight, output[1])
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)  # no zero tensors for the unused m, ls cotangents
+        ctx.save_for_backward(logits, target, weight, output[1], output[2])
+        ctx.save_for_forward(logits, target, weight, output[1], output[2])
 
     @staticmethod
-    def backward(ctx, g_loss, _g_lse):
-        logits, target, weight, lse = ctx.saved_tensors
+    def backward(ctx, g_loss, _g_m, _g_ls):
+        logits, target, weight, m, ls = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        if (
-            not torch.is_grad_enabled()
-            and backend in ("auto", "cpu")
-            and logits.device.type == "cpu"
-            and logits.dtype in _cpu.CE_DTYPES
-            and dispatch.resolve_backend(
-                "softjac.cross_entropy", backend, logits, "cross_entropy_backward", g_loss
-            )
-            == "cpu"
-        ):
-            # plain backward on the C kernel: it gives ignored rows (and targets out of range)
-            # a zero gradient whatever their cotangent, so no masking op is needed
-            gz = _cpu.cross_entropy_backward(
-                logits, target, lse, g_loss, weight, ignore_index, eps, inplace=False
-            )
-            return gz, None, None, None, None, None
-        # Ignored rows contribute nothing; zeroing their cotangent also keeps a non-finite one
-        # (``mean`` over no valid row divides by 0) from turning 0 · inf into NaN, as in torch.
-        g = torch.where(target != ignore_index, g_loss, torch.zeros_like(g_loss))
-        args = (logits, g, target, lse, weight, ignore_index, eps, backend)
-        if not torch.is_grad_enabled():  # plain backward: the kernel call, no bookkeeping
+        if g_loss is None:
+            return None, None, None, None, None, None
+        # Ignored rows get exactly 0 in every backend whatever their logits and cotangent (a
+        # 'mean' over no valid row gives an infinite cotangent; 0 · inf must not become NaN).
+        args = (logits, g_loss, target, m, ls, weight, ignore_index, eps, backend)
+        if _plain(logits, g_loss, weight):  # plain backward: the kernel call, no bookkeeping
             return CrossEntropyBackward.forward(*args), None, None, None, None, None
         return _apply_ce_backward(*args), None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, dz, *_):
-        logits, target, weight, lse = ctx.saved_tensors
+        logits, target, weight, m, ls = ctx.saved_tensors
         ignore_index, eps, backend = ctx.opts
-        ones = torch.ones_like(lse)
-        g1 = _apply_ce_backward(logits, ones, target, lse, weight, ignore_index, eps, backend)
-        dloss = (_up(g1) * _up(dz)).sum(-1).to(lse.dtype)
-        return dloss, None
+        ones = torch.ones_like(m)
+        g1 = _apply_ce_backward(logits, ones, target, m, ls, weight, ignore_index, eps, backend)
+        dloss = (_up(g1) * _up(dz)).sum(1 if logits.ndim == 3 else -1).to(m.dtype)
+        return dloss, None, None
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, ignore_index, eps, backend):
@@ -581,10 +601,10 @@ class CrossEntropyRows(torch.autograd.Function):
             )
         b = info.batch_size
         z = _batched(logits, in_dims[0], b)
-        n, k = z.shape[1], z.shape[2]
-        t = _batched(target, in_dims[1], b).reshape(b * n)
-        loss, lse = _apply_ce_rows(z.reshape(b * n, k), t, weight, ignore_index, eps, backend)
-        return (loss.reshape(b, n), lse.reshape(b, n)), (0, 0)
+        t = _merge2(target, in_dims[1], b)
+        out = _apply_ce_rows(z.reshape(-1, *z.shape[2:]), t, weight, ignore_index, eps, backend)
+        shape = (b, z.shape[1], *z.shape[3:])  # the rows: logits' shape without the classes
+        return tuple(x.reshape(shape) for x in out), (0, 0, 0)
 
 
 def cross_entropy_rows(
@@ -596,11 +616,13 @@ def cross_entropy_rows(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Unreduced, differentiable cross-entropy of 2-D logits ``(N, K)`` and int64 targets
-    ``(N,)``: ``loss_n`` in float32 (float64 for float64 logits; 0 for ignored rows), see :class:`CrossEntropyRows`.
+    ``(N,)`` — or of logits ``(B, K, M)`` with the classes in the middle and targets ``(B, M)``
+    (read in place by the C kernel) —: ``loss_n`` in float32 (float64 for float64 logits; 0 for
+    ignored rows), see :class:`CrossEntropyRows`.
 
     Gradient ``g_n (a_n σ_n − b_n)`` computed directly in O(N·K); twice differentiable with
     Hessian ``a_n J_n`` per row. Inputs are not validated here (the public
-    ``softjac.cross_entropy`` does that).
+    ``softjac.cross_entropy`` does that, targets included).
     """
     dispatch.check_backend("softjac.cross_entropy", backend)
     return _apply_ce_rows(
@@ -609,35 +631,20 @@ def cross_entropy_rows(
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile: Dynamo cannot trace an autograd.Function that defines ``jvp`` (it graph-breaks
-# with "Unsupported custom jvp"). Under compilation the same Functions are used without their
-# ``jvp`` (forward-mode AD is not traced by torch.compile anyway); everything else is shared.
+# torch.compile: the registered ops ``torch.ops.softjac.cross_entropy_forward/backward``
+# (``softjac.kernels._ce_ops``: fake implementations, registered autograd), so the compiled
+# graph holds the kernels (Dynamo cannot trace an autograd.Function that defines ``jvp``, and
+# forward-mode AD is not traced by torch.compile anyway). Eager autograd uses the Functions.
 # --------------------------------------------------------------------------------------------
-
-_NO_JVP = staticmethod(torch.autograd.Function.jvp)
-
-
-class _CrossEntropyBackwardCompiled(CrossEntropyBackward):
-    jvp = _NO_JVP
-
-
-class _CrossEntropyRowsCompiled(CrossEntropyRows):
-    jvp = _NO_JVP
-
-
-def _traceable(backend: str) -> str:
-    # Under compilation "auto" means the torch implementation: Inductor fuses it, and a kernel
-    # called through ctypes or a Triton launcher would break the graph.
-    return "torch" if backend == "auto" else backend
 
 
 def _apply_ce_backward(*args):
     if _compiling():
-        return _CrossEntropyBackwardCompiled.apply(*args[:-1], _traceable(args[-1]))
+        return _ce_ops.cross_entropy_backward(*args)
     return _apply(CrossEntropyBackward, *args)
 
 
 def _apply_ce_rows(*args):
     if _compiling():
-        return _CrossEntropyRowsCompiled.apply(*args[:-1], _traceable(args[-1]))
+        return _ce_ops.cross_entropy_forward(*args)
     return _apply(CrossEntropyRows, *args)

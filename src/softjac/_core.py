@@ -315,3 +315,119 @@ def jacobian_logits_last(z: torch.Tensor) -> torch.Tensor:
     jac = -(e.unsqueeze(-1) * e.unsqueeze(-2))
     jac.diagonal(dim1=-2, dim2=-1).copy_(e * (s - e).scatter(-1, idx, r))
     return _div_s2(jac, r.unsqueeze(-1), s.unsqueeze(-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy with class-index targets (rows of logits, classes last)
+#
+# ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` with
+# ``lse = m + ls``, ``m = max z`` and ``ls = log Σ exp(z − m)``. Every ``lse − z_c`` is formed as
+# ``ls − (z_c − m)`` and σ as ``exp((z − m) − ls)``: ``z_c − m`` is exact when ``z_c`` is near
+# the maximum (Sterbenz) and ``ls`` is in ``[0, log K]``, so the rounding errors scale with the
+# row's spread, never with its magnitude (``m + ls`` rounded first would carry an error of
+# ``eps · |m|`` into every term). K = 1 gives exactly 0. The pair ``(m, ls)`` is what a backward
+# pass needs; the C and Triton kernels compute the same quantities the same way.
+#
+# Non-finite input: −inf is a masked class (σ = 0); a NaN or a +inf anywhere in a row makes its
+# loss and gradient NaN (``m`` is NaN, or ``z − m`` is ``inf − inf``); a fully masked row has
+# ``ls = −inf`` and a NaN loss, as ``torch.nn.functional.cross_entropy``. Ignored rows
+# (``y_n == ignore_index``) give exactly 0 loss and gradient whatever their logits.
+# --------------------------------------------------------------------------------------------
+
+
+def ce_terms(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+    k: int,
+    device: torch.device,
+    dtype: torch.dtype,
+):
+    """Per-row terms of cross-entropy with class-index targets, in ``dtype``: ``valid (N,)``,
+    ``y (N,)`` (ignored rows → class 0), ``w (K,)`` (ones if None), ``w_y (N,)`` (0 for ignored
+    rows) and ``a_n = (1 − ε) w[y_n] + (ε/K) Σ_c w[c]`` (0 for ignored rows)."""
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    w = torch.ones(k, dtype=dtype, device=device) if weight is None else weight.to(dtype)
+    w_y = torch.where(valid, w[y], torch.zeros((), dtype=dtype, device=device))
+    a = (1.0 - eps) * w_y
+    if eps > 0:
+        a = a + (eps / k) * w.sum() * valid
+    return valid, y, w, w_y, a
+
+
+def ce_stats_last(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z − m, m, ls)`` per row: ``m = max z`` (0 for a fully masked row; NaN when the row
+    holds a NaN) and ``ls = log Σ exp(z − m)`` (``−inf`` for a fully masked row), both ``(N,)``;
+    ``lse = m + ls``. O(K) per row."""
+    m = z.detach().amax(dim=-1, keepdim=True)  # no derivative: the loss is shift invariant
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    shifted = z - m
+    ls = shifted.exp().sum(dim=-1).log()
+    return shifted, m.squeeze(-1), ls
+
+
+def ce_forward_last(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses ``(N,)`` and the pair ``(m, ls)`` of :func:`ce_stats_last` for logits
+    ``(N, K)`` and int64 class indices ``(N,)``, in ``z``'s dtype; ignored rows give exactly 0.
+    Each ``lse − z_c`` is ``ls − (z_c − m)`` (the accuracy argument above). O(N·K)."""
+    k = z.shape[-1]
+    shifted, m, ls = ce_stats_last(z)
+    valid, y, w, w_y, _ = ce_terms(target, weight, ignore_index, eps, k, z.device, z.dtype)
+    loss = (1.0 - eps) * w_y * (ls - shifted.gather(-1, y.unsqueeze(-1)).squeeze(-1))
+    if eps > 0:
+        loss = loss + (eps / k) * (w * (ls.unsqueeze(-1) - shifted)).sum(-1)
+    return torch.where(valid, loss, torch.zeros_like(loss)), m, ls
+
+
+def ce_probs_from_stats(z: torch.Tensor, m: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+    """``σ = exp((z − m) − ls)`` from the pair saved by :func:`ce_forward_last` (``m``, ``ls``
+    of shape ``(N,)``); masked (−inf) logits give 0 while ``ls`` is finite."""
+    return ((z - m.unsqueeze(-1)) - ls.unsqueeze(-1)).exp()
+
+
+def ce_grad_from_probs(
+    p: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+) -> torch.Tensor:
+    """``∂loss_n/∂z_n = a_n σ_n − (1 − ε) w[y_n] e_{y_n} − (ε/K) w`` from ``p = σ`` ``(N, K)``,
+    exactly 0 for ignored rows (whatever σ holds there); differentiable torch ops in σ's
+    dtype. O(N·K)."""
+    k = p.shape[-1]
+    valid, y, w, w_y, a = ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
+    out = p * a.unsqueeze(-1)
+    out = out.scatter_add(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y).unsqueeze(-1))
+    if eps > 0:
+        out = out - (eps / k) * w
+    return torch.where(valid.unsqueeze(-1), out, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def ce_backward_last(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    m: torch.Tensor,
+    ls: torch.Tensor,
+    grad_rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    eps: float,
+) -> torch.Tensor:
+    """``grad_rows[n] · ∂loss_n/∂z_n`` ``(N, K)`` in ``z``'s dtype, σ from the saved pair
+    (:func:`ce_probs_from_stats`); ignored rows exactly 0 whatever their logits and cotangent.
+    A non-finite cotangent on a row whose gradient is 0 (zero class weight with ``'mean'``
+    over a zero total weight) gives NaN, as PyTorch's autograd. O(N·K)."""
+    p = ce_probs_from_stats(z, m, ls)
+    g = ce_grad_from_probs(p, target, weight, ignore_index, eps)
+    valid = (target != ignore_index).unsqueeze(-1)
+    gr = torch.where(valid, grad_rows.to(z.dtype).unsqueeze(-1), torch.zeros((), dtype=z.dtype))
+    return g * gr

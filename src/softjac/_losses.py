@@ -33,14 +33,48 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) -> bool:
+    """``IndexError`` naming ``fn`` unless every class index in ``t`` is in ``[0, K)`` or equal
+    to ``ignore_index``; returns whether it is known that no row is ignored (then a 'mean'
+    divides by the row count without another pass over the targets).
+
+    The one check of the targets' values, made before any kernel runs: it reads them (a device
+    synchronisation on GPU). Skipped where the values cannot be read: under ``torch.compile``
+    tracing and for the batched targets of ``torch.func.vmap`` (there torch's own indexing
+    checks apply).
+    """
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return False
+    try:
+        lo, hi = torch.aminmax(t)  # one pass in the common case: every index in range
+        if int(lo) >= 0 and int(hi) < k:
+            return not 0 <= ignore_index < k or not bool((t == ignore_index).any())
+        bad = (t != ignore_index) & ((t < 0) | (t >= k))
+        found = bool(bad.any())
+    except RuntimeError:  # vmap's batched tensors refuse data-dependent control flow
+        return False
+    if found:
+        first = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"`{fn}`: `target` must hold class indices in [0, {k}) or `ignore_index` "
+            f"({ignore_index}). Got {int(t[first])} at flat position {first}."
+        )
+    return False
 
 
 class _Prepared:
-    """Validated cross-entropy inputs, flattened to rows: logits ``(M, K)`` with the classes
-    last, and either int64 class indices ``(M,)`` or probabilities ``(M, K)``."""
+    """Validated cross-entropy inputs: the logits with the classes last (a view), flattened to
+    rows ``(M, K)`` on first use of :attr:`z2` (a copy when the class dim was not the last
+    one), and either int64 class indices ``(M,)`` or probabilities ``(M, K)``. For contiguous
+    logits whose class dim is not the last one, :meth:`inner` gives the copy-free
+    ``(B, K, M)`` view instead."""
 
-    def __init__(self, z2, target, probs_target, batch_shape, d, weight, ii, eps, reduction):
-        self.z2 = z2
+    def __init__(self, logits, z, target, probs_target, batch_shape, d, weight, ii, eps, reduction):
+        self.logits = logits
+        self.z = z
         self.target = target
         self.probs_target = probs_target
         self.batch_shape = batch_shape
@@ -49,6 +83,25 @@ class _Prepared:
         self.ignore_index = ii
         self.eps = eps
         self.reduction = reduction
+        self.none_ignored = False  # known that no class-index target equals ignore_index
+        self._z2 = None
+
+    @property
+    def z2(self) -> torch.Tensor:
+        if self._z2 is None:
+            self._z2 = self.z.reshape(-1, self.z.shape[-1])
+        return self._z2
+
+    def inner(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits (B, K, M), target (B, M))`` views when the class dim is not the last one
+        and the logits are contiguous (class-index targets), else None."""
+        x = self.logits
+        if self.probs_target or self.d == x.ndim - 1 or not x.is_contiguous():
+            return None
+        k = x.shape[self.d]
+        b = math.prod(x.shape[: self.d])
+        m = math.prod(x.shape[self.d + 1 :])
+        return x.view(b, k, m), self.target.view(b, m)
 
 
 def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction):
@@ -78,6 +131,11 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
         raise TypeError(
             f"`{fn}`: `ignore_index` must be an int. Got {type(ignore_index).__name__}."
         )
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(
+            f"`{fn}`: `ignore_index` must fit in int64 (class indices are int64). "
+            f"Got {ignore_index}."
+        )
     if weight is not None:
         check_tensor(fn, "weight", weight)
         if weight.shape != (k,):
@@ -97,15 +155,19 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
         )
     z = _core.to_last(logits, d)
     batch_shape = z.shape[:-1]
-    z2 = z.reshape(-1, k)
     if target.is_floating_point():
         if target.shape != logits.shape:
             raise ValueError(
                 f"`{fn}`: probability `target` must have the shape of `logits`. "
                 f"Got {fmt_shape(target.shape)} and {fmt_shape(logits.shape)}."
             )
+        if ignore_index != -100:
+            raise ValueError(
+                f"`{fn}`: `ignore_index` is not supported with probability targets (as in "
+                f"torch.nn.functional.cross_entropy). Got {ignore_index}."
+            )
         t = _core.to_last(target, d).reshape(-1, k)
-        return _Prepared(z2, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
+        return _Prepared(logits, z, t, True, batch_shape, d, weight, ignore_index, eps, reduction)
     want = logits.shape[:d] + logits.shape[d + 1 :]
     if target.shape != want:
         raise ValueError(
@@ -113,7 +175,9 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
             f"i.e. {fmt_shape(want)}. Got {fmt_shape(target.shape)}."
         )
     t = target.reshape(-1).long()
-    return _Prepared(z2, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+    prep = _Prepared(logits, z, t, False, batch_shape, d, weight, ignore_index, eps, reduction)
+    prep.none_ignored = _check_class_indices(fn, t, k, ignore_index)
+    return prep
 
 
 def _smoothed(prep: _Prepared, cd: torch.dtype):
@@ -128,27 +192,16 @@ def _smoothed(prep: _Prepared, cd: torch.dtype):
 
 
 def _class_denominator(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
-    """``Σ_n w[y_n]`` over non-ignored rows (the 'mean' divisor of F.cross_entropy)."""
-    k = prep.z2.shape[-1]
-    t = prep.target
-    if (
-        prep.weight is None
-        and t.numel()
-        and t.device.type == "cpu"
-        and type(t) is torch.Tensor
-        and not dispatch.graph_needs(t)
-        and not _autograd._compiling()
-    ):
-        # Unit weights: the count of non-ignored rows, in a few small ops instead of the seven
-        # of ce_terms, when every target is a valid index of a (K,) tensor (else that path,
-        # whose indexing raises for a non-ignored target outside [-K, K), as before).
-        lo, hi = torch.aminmax(t)
-        if int(lo) >= -k and int(hi) < k:
-            return (t != prep.ignore_index).sum().to(cd)
-    _, _, _, w_y, _ = _torch.ce_terms(
-        prep.target, prep.weight, prep.ignore_index, 0.0, k, prep.z2.device, cd
-    )
-    return w_y.sum()
+    """``Σ_n w[y_n]`` over non-ignored rows (the 'mean' divisor of F.cross_entropy); the targets
+    were validated by :func:`_prepare`, so ignored rows never count."""
+    if prep.weight is None and prep.none_ignored:
+        return torch.tensor(float(prep.target.numel()), dtype=cd, device=prep.target.device)
+    valid = prep.target != prep.ignore_index
+    if prep.weight is None:
+        return valid.sum().to(cd)
+    y = torch.where(valid, prep.target, torch.zeros_like(prep.target))
+    w_y = prep.weight.to(cd)[y]
+    return torch.where(valid, w_y, torch.zeros_like(w_y)).sum()
 
 
 def _reduce(prep: _Prepared, rows: torch.Tensor, denominator) -> torch.Tensor:
@@ -174,8 +227,18 @@ def cross_entropy(
     ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε/K) Σ_c w[c] (lse_n − z_{n,c})`` for class
     indices (0 where ``y_n == ignore_index``), ``−Σ_c w_c y'_{n,c} log σ_{n,c}`` with
     ``y' = (1 − ε) y + ε/K`` for probabilities. ``'mean'`` divides by ``Σ_n w[y_n]`` over the
-    non-ignored samples (NaN when there are none, like PyTorch) for class indices and by the
+    non-ignored samples (NaN when that is 0, like PyTorch) for class indices and by the
     number of samples for probabilities.
+
+    Accuracy: every ``lse − z_c`` is formed as ``ls − (z_c − m)`` with ``m = max z`` and
+    ``ls = log Σ exp(z − m)``, and σ as ``exp((z − m) − ls)``, in every backend, so loss and
+    gradient errors scale with the spread of a row, not with the size of its logits (a common
+    offset of 1e4 in float32 costs nothing); K = 1 gives exactly 0.
+
+    Non-finite input (every backend alike): a NaN or a +inf logit makes its row's loss and
+    gradient NaN; −inf marks a masked class (a fully masked row gives NaN, as in PyTorch);
+    an ignored row contributes exactly 0 to the loss and to the gradient whatever its logits
+    (PyTorch's gradient is NaN on an ignored row that holds a NaN).
 
     Class-index targets run through an autograd Function: fused forward (float32 math for
     half inputs), backward ``σ − y`` computed directly and never in place on the logits,
@@ -190,19 +253,24 @@ def cross_entropy(
         dim: the class dimension.
         weight: class weights ``(K,)``, or None. A weight that requires grad gets its gradient
             (through the torch-ops path).
-        ignore_index: class-index value whose samples contribute neither loss nor gradient.
+        ignore_index: class-index value whose samples contribute neither loss nor gradient
+            (an int64; only the default -100 with probability targets, as in PyTorch).
         label_smoothing: ε in [0, 1].
         reduction: ``'none' | 'mean' | 'sum'``.
         backend: kernel choice, ``'auto' | 'torch' | 'triton' | 'cpu'``.
 
     Returns:
         The loss in the logits' dtype: a scalar, or the target's batch shape for ``'none'``.
-        Cost O(N·K) time, O(N) extra memory (the log-sum-exp per row) besides the saved logits.
+        Cost O(N·K) time, O(N) extra memory (the row maximum and log-sum per row) besides the
+        saved logits. Class-index targets are checked once before any kernel runs, which reads
+        them (a device synchronisation on GPU; not under ``torch.compile`` tracing).
 
     Raises:
         TypeError: non-tensor or non-floating logits, boolean/complex target.
+        IndexError: a class index outside ``[0, K)`` that is not ``ignore_index``.
         ValueError: shapes that do not match, label smoothing outside [0, 1], unknown
-            reduction, weight of the wrong shape.
+            reduction, weight of the wrong shape, ``ignore_index`` beyond int64 or given with
+            probability targets.
     """
     fn = "softjac.cross_entropy"
     prep = _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction)
@@ -214,26 +282,20 @@ def cross_entropy(
     if weight is not None and weight.requires_grad:
         rows = _class_rows_torch(prep, cd)
     else:
-        rows = _autograd.cross_entropy_rows(
-            prep.z2, prep.target, weight, ignore_index, prep.eps, backend
-        )
+        inner = prep.inner()
+        zr, tr = inner if inner is not None else (prep.z2, prep.target)
+        rows = _autograd.cross_entropy_rows(zr, tr, weight, ignore_index, prep.eps, backend)
     denom = _class_denominator(prep, rows.dtype) if reduction == "mean" else None
     return _reduce(prep, rows, denom).to(logits.dtype)
 
 
 def _class_rows_torch(prep: _Prepared, cd: torch.dtype) -> torch.Tensor:
     """Class-index per-row losses with differentiable torch ops (used when ``weight``
-    requires grad, which the fused Function treats as a constant)."""
-    z = prep.z2.to(cd)
-    k = z.shape[-1]
-    logp = torch.log_softmax(z, dim=-1)
-    valid, y, w, w_y, _ = _torch.ce_terms(
-        prep.target, prep.weight, prep.ignore_index, prep.eps, k, z.device, cd
-    )
-    rows = -(1.0 - prep.eps) * w_y * logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    if prep.eps > 0:
-        rows = rows - (prep.eps / k) * (w * logp).sum(-1) * valid
-    return rows
+    requires grad, which the fused Function treats as a constant): the same accurate formula,
+    ``softjac._core.ce_forward_last``."""
+    return _core.ce_forward_last(
+        prep.z2.to(cd), prep.target, prep.weight, prep.ignore_index, prep.eps
+    )[0]
 
 
 def cross_entropy_grad(
@@ -253,8 +315,10 @@ def cross_entropy_grad(
     e_{y_n} + (ε/K) w)``; probabilities ``s_n (⟨w, y'_n⟩ σ_n − w ⊙ y'_n)``. The scale ``s_n`` is
     1 for ``'sum'``, ``1 / Σ_m w[y_m]`` (class indices) or ``1 / N`` (probabilities) for
     ``'mean'``; for ``'none'`` the result is the gradient of the sum, i.e. every sample's own
-    gradient ``∂loss_n/∂z_n`` in its slice. Ignored samples get 0 (all ignored with
-    ``'mean'``: all zeros, as PyTorch's autograd gives).
+    gradient ``∂loss_n/∂z_n`` in its slice. Ignored samples get exactly 0 (all ignored with
+    ``'mean'``: all zeros, as PyTorch's autograd gives; valid samples whose weights sum to 0
+    with ``'mean'``: NaN, as PyTorch's autograd gives). σ comes from the same ``(m, ls)`` pair
+    as in :func:`cross_entropy`, so the error scales with the row's spread.
 
     Same arguments, semantics and errors as :func:`cross_entropy`. Returns a tensor of the
     logits' shape and dtype (float32 math for half inputs). Cost O(N·K); not differentiable —
@@ -265,23 +329,25 @@ def cross_entropy_grad(
     cd = as_float_dtype(logits.dtype)
     with torch.no_grad():
         z = prep.z2.to(cd)
-        m = z.shape[0]
+        rows = z.shape[0]
         if prep.probs_target:
-            p = _core.softmax_last(z)
+            _, mx, ls = _core.ce_stats_last(z)
+            p = _core.ce_probs_from_stats(z, mx, ls)  # NaN rows where log_softmax has NaN
             wy = _smoothed(prep, cd)
             g = p * wy.sum(-1, keepdim=True) - wy
             if reduction == "mean":
-                g = g / m
+                g = g / rows
         else:
-            lse = torch.logsumexp(z, dim=-1)
+            w = None if weight is None else weight.detach()
+            args = (prep.target, w, ignore_index, prep.eps)
+            _, stats = dispatch.cross_entropy_forward(prep.z2, *args, backend=backend, stats=True)
             valid = prep.target != ignore_index
-            scale = torch.ones(m, dtype=cd, device=z.device)
+            scale = torch.ones(rows, dtype=cd, device=z.device)
             if reduction == "mean":
                 scale = scale / _class_denominator(prep, cd)
             scale = torch.where(valid, scale, torch.zeros_like(scale))
-            w = None if weight is None else weight.detach()
-            g = _autograd.CrossEntropyBackward.forward(
-                z, scale, prep.target, lse, w, ignore_index, prep.eps, backend
+            g = dispatch.cross_entropy_backward(
+                prep.z2, prep.target, stats, scale, w, ignore_index, prep.eps, backend=backend
             )
         g = g.to(logits.dtype).reshape(*prep.batch_shape, z.shape[-1])
     return _core.from_last(g, prep.d)

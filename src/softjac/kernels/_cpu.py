@@ -25,7 +25,9 @@ __all__ = [
     "available",
     "capability",
     "cross_entropy_backward",
+    "cross_entropy_backward_inner",
     "cross_entropy_forward",
+    "cross_entropy_forward_inner",
     "jacobian_logits",
     "softmax",
     "softmax_jacobian_dense",
@@ -72,10 +74,11 @@ def _load() -> ctypes.CDLL | None:
             )
             return None
         i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        # z, target, weight, w_sum, loss, lse, n, k, stride, ignore, eps, threads
-        ce_fwd = [ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, f32, cint]
-        # z, target, weight, w_sum, lse, grad, out, n, k, strides of z and out, ignore, eps, threads
-        ce_bwd = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
+        # z, target, weight, w_sum, loss, m, ls, n, k, stride, ignore, eps, threads
+        ce_fwd = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, i64, i64, i64, f32, cint]
+        # z, target, weight, w_sum, m, ls, grad, out, n, k, strides of z and out, ignore, eps,
+        # threads
+        ce_bwd = [ptr, ptr, ptr, f32, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, f32, cint]
         signatures = {}
         for suffix in _SUFFIX.values():
             signatures[f"softjac_vjp_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, i64, i64, cint]
@@ -89,6 +92,11 @@ def _load() -> ctypes.CDLL | None:
             signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
             signatures[f"softjac_ce_fwd_{suffix}"] = ce_fwd
             signatures[f"softjac_ce_bwd_{suffix}"] = ce_bwd
+        # the class-in-the-middle (nb, k, m) cross-entropy kernels, float32
+        signatures["softjac_ce_fwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr]
+        signatures["softjac_ce_fwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
+        signatures["softjac_ce_bwd_inner_f32"] = [ptr, ptr, ptr, f32, ptr, ptr, ptr, i64, ptr]
+        signatures["softjac_ce_bwd_inner_f32"] += [i64, i64, i64, i64, f32, cint]
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
@@ -309,29 +317,34 @@ def cross_entropy_forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits of a dtype in ``CE_DTYPES``:
-    per row a max pass (from memory) and an exp-sum pass (from cache); the formula is in
-    ``softjac.kernels.dispatch``. Targets out of ``[0, K)`` count as ignored."""
+    *,
+    stats: bool = False,
+):
+    """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits of a dtype in ``CE_DTYPES``, or
+    ``(loss_rows, (m, ls))`` with ``stats=True`` (row max and log of the shifted sum; the pair
+    the backward needs for σ accurate to the row's spread): per row a max pass (from memory)
+    and an exp-sum pass (from cache); the formula is in ``softjac.kernels.dispatch``. Targets
+    must be in ``[0, K)`` or ``ignore_index`` (checked by the caller)."""
     _lib_or_raise()
     n, k = logits.shape
     z2, sz = _rows(logits)
     tgt = target.to(torch.int64).contiguous()
     loss = torch.empty(n, dtype=torch.float32)
-    lse = torch.empty(n, dtype=torch.float32)
+    m = torch.empty(n, dtype=torch.float32)
+    ls = torch.empty(n, dtype=torch.float32)
     w, wp, w_sum = _weight_args(weight)
     if n and k:
         fn = _fns[f"softjac_ce_fwd_{_SUFFIX[logits.dtype]}"]
         fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
-           loss.data_ptr(), lse.data_ptr(), n, k, sz, ignore_index, float(label_smoothing),
-           torch.get_num_threads())  # fmt: skip
-    return loss, lse
+           loss.data_ptr(), m.data_ptr(), ls.data_ptr(), n, k, sz, ignore_index,
+           float(label_smoothing), torch.get_num_threads())  # fmt: skip
+    return (loss, (m, ls)) if stats else (loss, m + ls)
 
 
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse,
     grad_rows: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -340,7 +353,11 @@ def cross_entropy_backward(
     inplace: bool = False,
 ) -> torch.Tensor:
     """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits, one read and one write per element
-    (into ``logits`` itself when ``inplace``, which needs unit stride along K)."""
+    (into ``logits`` itself when ``inplace``, which needs unit stride along K); ``lse`` is the
+    pair ``(m, ls)`` of the forward's ``stats=True`` or one log-sum-exp tensor. Ignored rows
+    get exactly 0."""
+    from softjac.kernels._torch import split_lse
+
     _lib_or_raise()
     n, k = logits.shape
     if inplace:  # unit stride along K: checked by dispatch
@@ -351,12 +368,75 @@ def cross_entropy_backward(
         out = torch.empty((n, k), dtype=logits.dtype)
         so = k
     tgt = target.to(torch.int64).contiguous()
-    lse1 = lse.to(torch.float32).reshape(-1).contiguous()
-    g = grad_rows.to(torch.float32).expand(n).contiguous()
+    m, ls = split_lse(lse, torch.empty(0, dtype=torch.float32))
+    m, ls = m.contiguous(), ls.contiguous()
+    g = grad_rows.to(torch.float32).reshape(-1).expand(n).contiguous()
     w, wp, w_sum = _weight_args(weight)
     if n and k:
         fn = _fns[f"softjac_ce_bwd_{_SUFFIX[logits.dtype]}"]
         fn(z2.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
-           lse1.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, sz, so, ignore_index,
-           float(label_smoothing), torch.get_num_threads())  # fmt: skip
+           m.data_ptr(), ls.data_ptr(), g.data_ptr(), out.data_ptr(), n, k, sz, so,
+           ignore_index, float(label_smoothing), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def cross_entropy_forward_inner(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+):
+    """``(loss, (m, ls))``, each ``(B, M)`` float32, for contiguous float32 logits ``(B, K, M)``
+    with the classes in the middle (cross-entropy over dim 1 of NCHW data) and targets
+    ``(B, M)``: the row kernel's formulas read in place, tiles of columns with SIMD across them
+    (no copy into rows). Targets must be in ``[0, K)`` or ``ignore_index``."""
+    _lib_or_raise()
+    b, k, m = logits.shape
+    z = logits.contiguous()
+    tgt = target.to(torch.int64).reshape(b, m).contiguous()
+    loss = torch.empty(b, m, dtype=torch.float32)
+    mx = torch.empty(b, m, dtype=torch.float32)
+    ls = torch.empty(b, m, dtype=torch.float32)
+    w, wp, w_sum = _weight_args(weight)
+    if b and k and m:
+        _fns["softjac_ce_fwd_inner_f32"](
+            z.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+            loss.data_ptr(), mx.data_ptr(), ls.data_ptr(), b, k, m, ignore_index,
+            float(label_smoothing), torch.get_num_threads(),
+        )  # fmt: skip
+    return loss, (mx, ls)
+
+
+def cross_entropy_backward_inner(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    grad_rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """``∂(Σ g loss)/∂z`` ``(B, K, M)`` float32 for the layout of
+    :func:`cross_entropy_forward_inner`, from its pair ``(m, ls)`` and ``grad_rows`` ``(B, M)``
+    (or one value for all); one read of the logits and one write, in place of the layout.
+    Ignored rows get exactly 0."""
+    _lib_or_raise()
+    b, k, m = logits.shape
+    z = logits.contiguous()
+    tgt = target.to(torch.int64).reshape(b, m).contiguous()
+    mx, ls = (x.to(torch.float32).reshape(b, m).contiguous() for x in stats)
+    g = grad_rows.to(torch.float32)
+    if g.numel() == 1 or all(st == 0 for st in g.stride()):  # one value for all rows
+        g, sg = g.reshape(-1)[:1].contiguous(), 0
+    else:
+        g, sg = g.reshape(-1).contiguous(), 1
+    out = torch.empty(b, k, m, dtype=torch.float32)
+    w, wp, w_sum = _weight_args(weight)
+    if b and k and m:
+        _fns["softjac_ce_bwd_inner_f32"](
+            z.data_ptr(), tgt.data_ptr(), wp, w_sum if w is not None else float(k),
+            mx.data_ptr(), ls.data_ptr(), g.data_ptr(), sg, out.data_ptr(), b, k, m, ignore_index,
+            float(label_smoothing), torch.get_num_threads(),
+        )  # fmt: skip
     return out

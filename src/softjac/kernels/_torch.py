@@ -16,6 +16,7 @@ __all__ = [
     "ce_terms",
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "split_lse",
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
@@ -64,44 +65,22 @@ def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
     return _core.jacobian_last(_up(probs)).to(probs.dtype)
 
 
-def ce_terms(
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    eps: float,
-    k: int,
-    device: torch.device,
-    dtype: torch.dtype,
-):
-    """Per-row terms of cross-entropy with class-index targets, in ``dtype``: ``valid (N,)``,
-    ``y (N,)`` (ignored rows → class 0), ``w (K,)`` (ones if None), ``w_y (N,)`` (0 for ignored
-    rows) and ``a_n = (1 − ε) w[y_n] + (ε/K) Σ_c w[c]`` (0 for ignored rows)."""
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    w = torch.ones(k, dtype=dtype, device=device) if weight is None else weight.to(dtype)
-    w_y = torch.where(valid, w[y], torch.zeros((), dtype=dtype, device=device))
-    a = (1.0 - eps) * w_y
-    if eps > 0:
-        a = a + (eps / k) * w.sum() * valid
-    return valid, y, w, w_y, a
+# The cross-entropy math lives in ``softjac._core`` (``ce_*``); these re-exports keep the
+# kernel-module names that callers use.
+ce_terms = _core.ce_terms
+ce_grad_from_probs = _core.ce_grad_from_probs
 
 
-def ce_grad_from_probs(
-    p: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    eps: float,
-) -> torch.Tensor:
-    """``∂loss_n/∂z_n = a_n σ_n − (1 − ε) w[y_n] e_{y_n} − (ε/K) w`` (0 for ignored rows) from
-    ``p = σ`` ``(N, K)``, with differentiable torch ops in σ's dtype."""
-    k = p.shape[-1]
-    valid, y, w, w_y, a = ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
-    out = p * a.unsqueeze(-1)
-    out = out.scatter_add(-1, y.unsqueeze(-1), (-(1.0 - eps) * w_y).unsqueeze(-1))
-    if eps > 0:
-        out = out - (eps / k) * w * valid.unsqueeze(-1)
-    return out
+def split_lse(lse, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, ls)`` from a log-sum-exp given either as the pair (``lse = m + ls``, the accurate
+    form the forwards return with ``stats=True``) or as one tensor (then ``m = lse``,
+    ``ls = 0``: σ as ``exp(z − lse)``, accurate only to ``eps · |lse|``), each ``(N,)`` in the
+    dtype of ``like``."""
+    if isinstance(lse, (tuple, list)):
+        m, ls = lse
+        return m.reshape(-1).to(like.dtype), ls.reshape(-1).to(like.dtype)
+    m = lse.reshape(-1).to(like.dtype)
+    return m, torch.zeros_like(m)
 
 
 def cross_entropy_forward(
@@ -110,24 +89,20 @@ def cross_entropy_forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row losses and log-sum-exp in at least float32 (float64 for float64 logits)."""
-    z = _up(logits)
-    k = z.shape[-1]
-    eps = label_smoothing
-    lse = torch.logsumexp(z, dim=-1)
-    valid, y, w, w_y, _ = ce_terms(target, weight, ignore_index, eps, k, z.device, z.dtype)
-    loss = (1 - eps) * w_y * (lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1))
-    if eps > 0:
-        smooth = (w * (lse.unsqueeze(-1) - z)).sum(-1)
-        loss = loss + (eps / k) * torch.where(valid, smooth, torch.zeros_like(smooth))
-    return loss, lse
+    *,
+    stats: bool = False,
+):
+    """Per-row losses and the log-sum-exp in at least float32 (float64 for float64 logits), by
+    ``softjac._core.ce_forward_last``: ``(loss, lse)``, or ``(loss, (m, ls))`` with
+    ``stats=True`` (the accurate pair that :func:`cross_entropy_backward` takes)."""
+    loss, m, ls = _core.ce_forward_last(_up(logits), target, weight, ignore_index, label_smoothing)
+    return (loss, (m, ls)) if stats else (loss, m + ls)
 
 
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse,
     grad_rows: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -135,11 +110,14 @@ def cross_entropy_backward(
     *,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """``grad_rows[n] · ∂loss_n/∂z_n`` in at least float32, returned in the logits dtype."""
+    """``grad_rows[n] · ∂loss_n/∂z_n`` in at least float32 by
+    ``softjac._core.ce_backward_last``, returned in the logits dtype; ``lse`` is the pair
+    ``(m, ls)`` or one tensor (see :func:`split_lse`)."""
     z = _up(logits)
-    p = (z - lse.to(z.dtype).unsqueeze(-1)).exp()
-    g = ce_grad_from_probs(p, target, weight, ignore_index, label_smoothing)
-    g = g * grad_rows.to(z.dtype).unsqueeze(-1)
+    m, ls = split_lse(lse, z)
+    g = _core.ce_backward_last(
+        z, target, m, ls, grad_rows.reshape(-1), weight, ignore_index, label_smoothing
+    )
     if inplace:
         return logits.copy_(g)
     return g.to(logits.dtype)

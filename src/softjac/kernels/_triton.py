@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from softjac.kernels._torch import split_lse
+
 __all__ = [
     "cross_entropy_backward",
     "cross_entropy_forward",
@@ -418,38 +420,35 @@ def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Cross-entropy with class-index targets.
+# Cross-entropy with class-index targets. The math is ``softjac._core``'s (``ce_forward_last``):
+# per row ``m = max z``, ``ls = log Σ exp(z − m)``, every ``lse − z_c`` as ``ls − (z_c − m)``
+# and σ as ``exp((z − m) − ls)``, so errors scale with the row's spread, not its magnitude.
+# The forward stores ``m`` and ``ls`` separately; the backward reads both. NaN propagates
+# through the max (``propagate_nan``), a +inf logit gives ``inf − inf`` = NaN, −inf is masked.
 
 
 @triton.jit
 def _ce_forward_kernel(
-    z_ptr, t_ptr, w_ptr, wsum_ptr, loss_ptr, lse_ptr, K, sz, ignore_index, eps,
+    z_ptr, t_ptr, w_ptr, loss_ptr, m_ptr, ls_ptr, K, sz, ignore_index, eps,
     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * sz
     m_run = tl.full((BLOCK,), float("-inf"), tl.float32)
     s_run = tl.zeros((BLOCK,), tl.float32)
-    wz = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, K, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < K
         z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_run, z)
+        m_new = tl.maximum(m_run, z, propagate_nan=tl.PropagateNan.ALL)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s_run = s_run * tl.exp(m_run - m_safe) + tl.exp(z - m_safe)
         m_run = m_new
-        if SMOOTH:
-            if HAS_W:
-                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                w = tl.where(mask, 1.0, 0.0)
-            wz += w * tl.where(mask, z, 0.0)
     m = tl.max(m_run, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(s_run * tl.exp(m_run - m_safe), axis=0)
-    lse = m_safe + tl.log(total)
-    tl.store(lse_ptr + row, lse)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    ls = tl.log(tl.sum(s_run * tl.exp(m_run - m), axis=0))
+    tl.store(m_ptr + row, m)
+    tl.store(ls_ptr + row, ls)
     tgt = tl.load(t_ptr + row)
     valid = tgt != ignore_index
     safe_t = tl.where(valid, tgt, 0)
@@ -458,10 +457,19 @@ def _ce_forward_kernel(
         w_t = tl.load(w_ptr + safe_t).to(tl.float32)
     else:
         w_t = 1.0
-    loss = (1.0 - eps) * w_t * (lse - z_t)
-    if SMOOTH:
-        w_sum = tl.load(wsum_ptr)
-        loss += (eps / K) * (w_sum * lse - tl.sum(wz, axis=0))
+    loss = (1.0 - eps) * w_t * (ls - (z_t - m))
+    if SMOOTH:  # a second pass, now that m is known: Σ_c w_c (ls − (z_c − m))
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, K, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < K
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            acc += tl.where(mask, w * (ls - (z - m)), 0.0)
+        loss += (eps / K) * tl.sum(acc, axis=0)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
 
 
@@ -479,30 +487,33 @@ def cross_entropy_forward(
     weight: torch.Tensor | None,
     ignore_index: int,
     label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits, one pass over each row (online
-    log-sum-exp); the contract is in ``softjac.kernels.dispatch``."""
+    *,
+    stats: bool = False,
+):
+    """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits, or ``(loss_rows, (m, ls))`` with
+    ``stats=True``: one pass over each row (online log-sum-exp), a second one for label
+    smoothing; the contract is in ``softjac.kernels.dispatch``."""
     n, k = logits.shape
     dev = logits.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
-    if n == 0:
-        return loss, lse
-    z = _as_rows(logits)
-    w, w_sum = _weight_args(weight, k, dev)
-    block = min(CE_BLOCK, vjp_block_size(k))
-    _ce_forward_kernel[(n,)](
-        z, target.contiguous(), w, w_sum, loss, lse, k, _row_stride(z), ignore_index,
-        float(label_smoothing),
-        HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=block,
-        num_warps=_num_warps(block),
-    )  # fmt: skip
-    return loss, lse
+    m = torch.empty(n, dtype=torch.float32, device=dev)
+    ls = torch.empty(n, dtype=torch.float32, device=dev)
+    if n:
+        z = _as_rows(logits)
+        w, _ = _weight_args(weight, k, dev)
+        block = min(CE_BLOCK, vjp_block_size(k))
+        _ce_forward_kernel[(n,)](
+            z, target.contiguous(), w, loss, m, ls, k, _row_stride(z), ignore_index,
+            float(label_smoothing),
+            HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=block,
+            num_warps=_num_warps(block),
+        )  # fmt: skip
+    return (loss, (m, ls)) if stats else (loss, m + ls)
 
 
 @triton.jit
 def _ce_backward_kernel(
-    z_ptr, t_ptr, w_ptr, wsum_ptr, lse_ptr, g_ptr, o_ptr, K, sz, so, ignore_index, eps,
+    z_ptr, t_ptr, w_ptr, wsum_ptr, m_ptr, ls_ptr, g_ptr, o_ptr, K, sz, so, ignore_index, eps,
     HAS_W: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -516,10 +527,10 @@ def _ce_backward_kernel(
     else:
         w_t = 1.0
     g = tl.load(g_ptr + row).to(tl.float32)
-    g = tl.where(valid, g, 0.0)
-    lse = tl.load(lse_ptr + row).to(tl.float32)
+    m = tl.load(m_ptr + row).to(tl.float32)
+    ls = tl.load(ls_ptr + row).to(tl.float32)
     z = tl.load(z_ptr + row * sz + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    p = tl.where(z == float("-inf"), 0.0, tl.exp(z - lse))
+    p = tl.exp((z - m) - ls)
     coef = (1.0 - eps) * w_t
     if SMOOTH:
         coef += (eps / K) * tl.load(wsum_ptr)
@@ -530,13 +541,14 @@ def _ce_backward_kernel(
         else:
             w = 1.0
         grad -= (eps / K) * w
-    tl.store(o_ptr + row * so + cols, (g * grad).to(o_ptr.dtype.element_ty), mask=mask)
+    grad = tl.where(valid, g * grad, 0.0)  # ignored rows: exactly 0 whatever z and g hold
+    tl.store(o_ptr + row * so + cols, grad.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse,
     grad_rows: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -545,7 +557,8 @@ def cross_entropy_backward(
     inplace: bool = False,
 ) -> torch.Tensor:
     """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits in one read and one write per element
-    (into ``logits`` itself when ``inplace``; then ``logits`` must have unit column stride)."""
+    (into ``logits`` itself when ``inplace``; then ``logits`` must have unit column stride);
+    ``lse`` is the pair ``(m, ls)`` of the forward's ``stats=True`` or one tensor."""
     n, k = logits.shape
     if inplace:  # unit stride along K: checked by dispatch
         out, z = logits, logits
@@ -554,13 +567,14 @@ def cross_entropy_backward(
         out = torch.empty((n, k), dtype=logits.dtype, device=logits.device)
     if n == 0 or k == 0:
         return out
+    m, ls = split_lse(lse, torch.empty(0, dtype=torch.float32))
     w, w_sum = _weight_args(weight, k, logits.device)
     block = min(CE_BLOCK, vjp_block_size(k))
     grid = (n, triton.cdiv(k, block))
     _ce_backward_kernel[grid](
-        z, target.contiguous(), w, w_sum, lse.float().contiguous(),
-        grad_rows.float().expand(n).contiguous(), out, k, _row_stride(z), _row_stride(out),
-        ignore_index, float(label_smoothing),
+        z, target.contiguous(), w, w_sum, m.contiguous(), ls.contiguous(),
+        grad_rows.float().reshape(-1).expand(n).contiguous(), out, k, _row_stride(z),
+        _row_stride(out), ignore_index, float(label_smoothing),
         HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=block,
         num_warps=_num_warps(block),
     )  # fmt: skip

@@ -53,16 +53,22 @@ Contract (every backend meets it):
 * ``softmax_vjp_from_logits(logits, lse, v)`` → the same with ``σ = exp(logits − lse)``
   recomputed on the fly (``lse`` of shape ``(..., 1)``, float32 or wider).
 * ``softmax_jacobian_dense(probs)`` → ``(..., K, K)``.
-* ``cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)`` on 2-D
-  logits ``(N, K)`` and int64 class indices ``(N,)`` → ``(loss_rows, lse)``, both float32
-  (float64 for float64 logits, which always run the PyTorch implementation) of shape ``(N,)``,
-  unreduced, ignored rows giving loss 0. With ``w`` the class weights (ones if
-  None) and ``ε`` the smoothing:
-  ``loss_n = (1 − ε) w[y_n] (lse_n − z_{n,y_n}) + (ε / K) Σ_c w[c] (lse_n − z_{n,c})``.
+* ``cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
+  stats=False)`` on 2-D logits ``(N, K)`` and int64 class indices ``(N,)`` (each in ``[0, K)`` or
+  ``ignore_index``: validated by the caller) → ``(loss_rows, lse)``, or ``(loss_rows, (m, ls))``
+  with ``stats=True``: float32 (float64 for float64 logits, which always run the PyTorch
+  implementation) of shape ``(N,)``, unreduced, ignored rows giving loss exactly 0. With ``w``
+  the class weights (ones if None), ``ε`` the smoothing, ``m = max z`` and
+  ``ls = log Σ exp(z − m)`` (``lse = m + ls``):
+  ``loss_n = (1 − ε) w[y_n] (ls_n − (z_{n,y_n} − m_n)) + (ε / K) Σ_c w[c] (ls_n − (z_{n,c} − m_n))``
+  — the formula of ``softjac._core.ce_forward_last``, accurate to the row's spread. NaN or
+  +inf in a row → NaN loss (and NaN ``m`` or ``ls``); −inf = masked class.
 * ``cross_entropy_backward(logits, target, lse, grad_rows, weight, ignore_index,
   label_smoothing, inplace=False)`` → ``∂(Σ_n grad_rows[n] · loss_n) / ∂logits`` in the logits
-  dtype: ``g_n [σ_n ((1 − ε) w[y_n] + (ε/K) Σ_c w[c]) − (1 − ε) w[y_n] e_{y_n} − (ε/K) w]``,
-  zero rows where ``y_n == ignore_index``. ``inplace=True`` writes into ``logits``.
+  dtype: ``g_n [σ_n ((1 − ε) w[y_n] + (ε/K) Σ_c w[c]) − (1 − ε) w[y_n] e_{y_n} − (ε/K) w]`` with
+  ``σ = exp((z − m) − ls)`` from the pair ``lse = (m, ls)`` (or ``exp(z − lse)`` when ``lse`` is
+  one tensor), exactly 0 rows where ``y_n == ignore_index``. ``inplace=True`` writes into
+  ``logits``.
 """
 
 from __future__ import annotations
@@ -120,6 +126,8 @@ _C_OPS = {
     "softmax_vjp_from_logits": _ALL,
     "cross_entropy_forward": _cpu.CE_DTYPES,
     "cross_entropy_backward": _cpu.CE_DTYPES,
+    "cross_entropy_forward_inner": (torch.float32,),
+    "cross_entropy_backward_inner": (torch.float32,),
 }
 # Ops with a Triton kernel (on CUDA, ``"auto"`` picks it for float16/bfloat16/float32).
 _TRITON_OPS = frozenset(
@@ -614,30 +622,40 @@ def cross_entropy_forward(
     label_smoothing: float,
     *,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stats: bool = False,
+):
     """``(loss_rows, lse)`` (float32, ``(N,)``; float64 for float64 logits) for ``(N, K)``
-    logits, see the module doc. The Triton kernel reads each row once (online log-sum-exp)."""
+    logits, see the module doc; with ``stats=True`` ``(loss_rows, (m, ls))``, the row maximum and
+    the log of the shifted sum (``lse = m + ls``), which :func:`cross_entropy_backward` takes
+    for σ accurate to the row's spread. Logits ``(B, K, M)`` with the classes in the middle
+    and targets ``(B, M)`` give ``(B, M)`` results (the C kernel reads that layout in place).
+    The Triton kernel reads each row once (online log-sum-exp; twice with label smoothing),
+    the C kernel twice (the second from cache)."""
     backend = _no_graph("softjac.cross_entropy", backend, logits, weight)
-    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
-        return _torch.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
-    chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
+    if logits.ndim == 3:
+        return _cross_entropy_forward_inner(
+            logits, target, weight, ignore_index, label_smoothing, backend, stats
+        )
     args = (logits, target, weight, ignore_index, label_smoothing)
+    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
+        return _torch.cross_entropy_forward(*args, stats=stats)
+    chosen = resolve_backend("softjac.cross_entropy", backend, logits, "cross_entropy_forward")
     if chosen == "triton":
         return _triton_or_fallback(
             backend,
             "softjac.cross_entropy",
-            lambda: _triton_module().cross_entropy_forward(*args),
-            lambda: _torch.cross_entropy_forward(*args),
+            lambda: _triton_module().cross_entropy_forward(*args, stats=stats),
+            lambda: _torch.cross_entropy_forward(*args, stats=stats),
         )
     if chosen == "cpu" and _has_c_kernel("cross_entropy_forward", logits):
-        return _cpu.cross_entropy_forward(*args)
-    return _torch.cross_entropy_forward(*args)
+        return _cpu.cross_entropy_forward(*args, stats=stats)
+    return _torch.cross_entropy_forward(*args, stats=stats)
 
 
 def cross_entropy_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse,
     grad_rows: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -646,17 +664,29 @@ def cross_entropy_backward(
     inplace: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; the
-    Triton kernel reads each logit once and writes once (into ``logits`` when ``inplace``)."""
-    backend = _no_graph("softjac.cross_entropy", backend, logits, lse, grad_rows, weight)
-    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
-        return _torch.cross_entropy_backward(
-            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, inplace=inplace
+    """``∂(Σ_n grad_rows[n] · loss_n)/∂logits`` in the logits dtype, see the module doc; ``lse``
+    is the pair ``(m, ls)`` of ``cross_entropy_forward(..., stats=True)`` (σ accurate to the
+    row's spread) or one log-sum-exp tensor (σ = exp(z − lse), accurate to ``eps · |lse|``).
+    Ignored rows get exactly 0. Logits ``(B, K, M)`` (classes in the middle) with ``(B, M)``
+    targets, stats and ``grad_rows`` give the gradient in that layout. The kernels read each
+    logit once and write once (into ``logits`` when ``inplace``)."""
+    pair = tuple(lse) if isinstance(lse, (tuple, list)) else (lse,)
+    backend = _no_graph("softjac.cross_entropy", backend, logits, *pair, grad_rows, weight)
+    if logits.ndim == 3:
+        if inplace:
+            raise ValueError(
+                "`softjac.cross_entropy`: `inplace=True` needs 2-D logits (N, K). "
+                f"Got {tuple(logits.shape)}."
+            )
+        return _cross_entropy_backward_inner(
+            logits, target, lse, grad_rows, weight, ignore_index, label_smoothing, backend
         )
+    args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
+    if logits.dtype == torch.float64:  # no kernel does float64 math: PyTorch, in float64
+        return _torch.cross_entropy_backward(*args, inplace=inplace)
     chosen = resolve_backend(
         "softjac.cross_entropy", backend, logits, "cross_entropy_backward", grad_rows
     )
-    args = (logits, target, lse, grad_rows, weight, ignore_index, label_smoothing)
     kernel = chosen == "triton" or (
         chosen == "cpu" and _has_c_kernel("cross_entropy_backward", logits)
     )
@@ -677,6 +707,53 @@ def cross_entropy_backward(
     if kernel:
         return _cpu.cross_entropy_backward(*args, inplace=inplace)
     return _torch.cross_entropy_backward(*args, inplace=inplace)
+
+
+def _inner_kernel(op: str, backend: str, logits: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the C kernel for the ``(B, K, M)`` layout takes these logits: float32, contiguous,
+    on the CPU, chosen by ``backend``."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu":
+        return False
+    chosen = resolve_backend("softjac.cross_entropy", backend, logits, op, *others)
+    return chosen == "cpu" and logits.is_contiguous() and _cpu.available()
+
+
+def _cross_entropy_forward_inner(logits, target, weight, ignore_index, eps, backend, stats):
+    """:func:`cross_entropy_forward` for logits ``(B, K, M)`` with the classes in the middle and
+    targets ``(B, M)``; results ``(B, M)``. The C kernel reads that layout in place; the other
+    backends get the logits copied into rows."""
+    b, k, m = logits.shape
+    if _inner_kernel("cross_entropy_forward_inner", backend, logits):
+        loss, pair = _cpu.cross_entropy_forward_inner(logits, target, weight, ignore_index, eps)
+    else:
+        rows = logits.movedim(1, -1).reshape(-1, k)
+        loss, pair = cross_entropy_forward(
+            rows, target.reshape(-1), weight, ignore_index, eps, backend=backend, stats=True
+        )
+        loss, pair = loss.reshape(b, m), tuple(x.reshape(b, m) for x in pair)
+    return (loss, pair) if stats else (loss, pair[0] + pair[1])
+
+
+def _cross_entropy_backward_inner(
+    logits, target, lse, grad_rows, weight, ignore_index, eps, backend
+):
+    """:func:`cross_entropy_backward` for the layout of :func:`_cross_entropy_forward_inner`;
+    the gradient comes back as ``(B, K, M)``."""
+    b, k, m = logits.shape
+    if _inner_kernel("cross_entropy_backward_inner", backend, logits, grad_rows):
+        pair = _torch.split_lse(lse, torch.empty(0, dtype=torch.float32))
+        return _cpu.cross_entropy_backward_inner(
+            logits, target, pair, grad_rows, weight, ignore_index, eps
+        )
+    rows = logits.movedim(1, -1).reshape(-1, k)
+    lse_rows = (
+        tuple(x.reshape(-1) for x in lse) if isinstance(lse, (tuple, list)) else lse.reshape(-1)
+    )
+    out = cross_entropy_backward(
+        rows, target.reshape(-1), lse_rows, grad_rows.reshape(-1), weight, ignore_index, eps,
+        backend=backend,
+    )  # fmt: skip
+    return out.reshape(b, m, k).movedim(-1, 1)
 
 
 from softjac.kernels import _ops  # noqa: E402  (registers torch.ops.softjac.*; imports this module)
