@@ -531,7 +531,20 @@ def test_errors_dtypes_and_devices():
     )
     _bad(TypeError, r"`target` must be a torch.Tensor", target=[0, 1, 2, 3])
     meta = torch.zeros(5, 4, device="meta")
-    _bad(ValueError, r"`linear_weight` and `input` must be on the same device", linear_weight=meta)
+    _bad(
+        ValueError,
+        r"`linear_weight` is on the meta device, which holds no values",
+        linear_weight=meta,
+    )
+
+
+@pytest.mark.gpu
+def test_errors_devices_differ():
+    cuda = torch.zeros(5, 4, device="cuda")
+    _bad(ValueError, r"`linear_weight` and `input` must be on the same device", linear_weight=cuda)
+    _bad(
+        ValueError, r"`linear_bias` and `input` must be on the same device", linear_bias=cuda[:, 0]
+    )
 
 
 def test_errors_values_and_options():
