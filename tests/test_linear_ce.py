@@ -530,10 +530,21 @@ def test_errors_dtypes_and_devices():
         target=torch.zeros(4, dtype=torch.bool),
     )
     _bad(TypeError, r"`target` must be a torch.Tensor", target=[0, 1, 2, 3])
-    # (the only second device on a CPU-only machine is "meta", which every softjac function
-    # refuses first, naming the argument)
     meta = torch.zeros(5, 4, device="meta")
-    _bad(ValueError, r"`linear_weight` is on the meta device", linear_weight=meta)
+    _bad(
+        ValueError,
+        r"`linear_weight` is on the meta device, which holds no values",
+        linear_weight=meta,
+    )
+
+
+@pytest.mark.gpu
+def test_errors_devices_differ():
+    cuda = torch.zeros(5, 4, device="cuda")
+    _bad(ValueError, r"`linear_weight` and `input` must be on the same device", linear_weight=cuda)
+    _bad(
+        ValueError, r"`linear_bias` and `input` must be on the same device", linear_bias=cuda[:, 0]
+    )
 
 
 def test_errors_values_and_options():

@@ -236,12 +236,14 @@ def log_softmax_jacobian_last(p: torch.Tensor, support: torch.Tensor | None = No
     their rows are ``e_i − p`` even where ``p_i`` underflowed to 0 (``log σ_i`` is finite and
     moves with z); rows outside it are zero (``log σ_i = −∞`` is constant). Without
     ``support``: the entries with ``p_i > 0``. The diagonal entry of the argmax, ``1 − p_{i*}``,
-    is taken as ``Σ_{j≠i*} p_j``.
+    is taken as ``Σ_{j≠i*} p_j``. A row of ``p`` holding NaN gives an all-NaN matrix (also for
+    K = 1, where that sum is empty).
     """
     keep = (p > 0 if support is None else support).to(p.dtype)
     out = -(keep.unsqueeze(-1) * p.unsqueeze(-2))
     out.diagonal(dim1=-2, dim2=-1).copy_(one_minus(p) * keep)
-    return out
+    bad = torch.isnan(p).any(-1)[..., None, None]
+    return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def hvp_last(p: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

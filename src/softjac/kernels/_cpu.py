@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -52,7 +53,8 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _variant = ""
-_fns: dict[str, ctypes._CFuncPtr] = {}  # every entry point by name, typed by _load
+# every entry point by name: a ctypes function typed by _load (restype c_int, so it returns int)
+_fns: dict[str, Callable[..., int]] = {}
 
 
 def _load() -> ctypes.CDLL | None:

@@ -236,10 +236,10 @@ def _load(name: str) -> Loaded:
     if built and not (opt_in and _stale(LIB_DIR)):
         directory, allow_root = LIB_DIR, True
     elif opt_in:
-        built, why = _runtime_build((name,))
-        if built is None:
+        runtime_dir, why = _runtime_build((name,))
+        if runtime_dir is None:
             return Loaded(None, why, "")
-        directory, allow_root = built, False
+        directory, allow_root = runtime_dir, False
     else:
         return Loaded(
             None,

@@ -88,6 +88,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         objective_: the final value of the objective.
     """
 
+    # set by fit: a tensor when fitted on a tensor, else a NumPy array
+    coef_: torch.Tensor | np.ndarray
+    intercept_: torch.Tensor | np.ndarray
+
     def __init__(
         self,
         C: float = 1.0,
