@@ -44,37 +44,8 @@ from .conftest import TOL
 
 # (function, backend, kind) -> why it fails today. Every entry is an xfail(strict=True) case
 # below; remove an entry when its fix lands.
-_CE = "ignored rows with NaN/−inf logits poison the loss, or +inf rows are not NaN (cross-entropy contract)"
-# backend="triton" with float64 input: name -> why it fails today
-_F32 = "float64 input is computed by the float32 Triton kernel and returned as float64: float32 accuracy, not refused"
-KNOWN_TRITON_FLOAT64: dict[str, str] = {
-    n: _F32 for n in ("jacobian", "vjp", "jvp", "vjp_from_probs")
-}
-KNOWN_ISSUES: dict[tuple[str, str, str], str] = {
-    # cross-entropy: an ignored row must count 0 whatever its logits, a counted row with
-    # NaN/+inf must be NaN (the cross-entropy contract)
-    **{
-        ("cross_entropy", be, kind): _CE
-        for be, kind in [
-            ("torch", "masked"),
-            ("torch", "posinf"),
-            ("cpu", "masked"),
-            ("cpu", "posinf"),
-            ("auto", "nan"),
-        ]
-    },
-    **{
-        ("cross_entropy_grad", be, kind): _CE
-        for be, kind in [
-            ("torch", "nan"),
-            ("torch", "posinf"),
-            ("cpu", "posinf"),
-            ("auto", "nan"),
-            ("auto", "posinf"),
-            ("triton", "posinf"),
-        ]
-    },
-}
+KNOWN_TRITON_FLOAT64: dict[str, str] = {}
+KNOWN_ISSUES: dict[tuple[str, str, str], str] = {}
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64: its own test below

@@ -11,6 +11,7 @@ Backends:
 * ``"torch"``: ``softjac.kernels._torch`` (``softjac._core`` in at least float32); any device.
 * ``"triton"``: ``softjac.kernels._triton``; CUDA tensors, or CPU tensors when the environment
   has ``TRITON_INTERPRET=1`` (the Triton interpreter; slow, for tests). Needs ``triton``.
+  The kernels compute in float32: float64 input runs the PyTorch implementation in float64.
 * ``"cpu"``: CPU tensors. ``softmax_vjp``, ``softmax_vjp_from_logits`` (every dtype) and the
   cross-entropy pair (float32/bfloat16/float16 logits) run the C kernels of
   ``softjac.kernels._cpu`` (compiled at first use; needs a C compiler), and so does
@@ -318,6 +319,11 @@ def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Ten
                 f"`{fn}`: backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1. "
                 f"Got device {x.device}."
             )
+        if x.dtype == torch.float64:
+            # the Triton kernels compute in float32: float64 input runs the PyTorch
+            # implementation in float64 (as float64 cross-entropy does under "cpu") rather
+            # than come back float32-accurate
+            return "torch"
         return "triton"
     if dev != "cpu":
         raise RuntimeError(f"`{fn}`: backend 'cpu' needs CPU tensors. Got device {x.device}.")
