@@ -238,6 +238,19 @@ def vjp_from_probs(
     The tutorial's ``softmax_vjp(grad_output, sigma)``, batched along ``dim``, with the argmax
     entry computed without cancellation. O(K) per slice. ``probs`` is not checked to sum to 1
     (that would need a device synchronisation); pass what ``softmax`` returned.
+
+    Notes
+    -----
+    Half precision (``docs/math.md``, "Half-precision probabilities"): for σ̂ in bfloat16 or
+    float16 the product is done in float32 on σ̂ as given (``v`` in σ̂'s dtype) and rounded
+    once to that dtype. Where ``Σσ̂ = 1 + δ ≠ 1`` the result is the product with
+    ``M = diag(σ̂) − σ̂σ̂ᵀ + δ σ̂_{i*} e_{i*} e_{i*}ᵀ`` (i* the first largest σ̂_j): J(σ̂) with
+    its argmax diagonal entry taken as ``σ̂_{i*} Σ_{j≠i*} σ̂_j``. For σ̂ = σ rounded to the
+    half dtype (unit roundoff u = 2^-8 bfloat16, 2^-11 float16) every entry is within
+    ``(3u + 5u² + 2γ_{K+2}) σ_i (|v_i| + Σ_j σ_j |v_j|)`` of the exact ``J(σ) v``
+    (``γ_n = n·2^-24 / (1 − n·2^-24)``); entries below the normal range (float16 below
+    2^-14) add at most ``η((K + 4)(|v_i| + ‖v‖₁) + 1)``, ``η = 2^-25`` (float16) or
+    ``2^-134`` (bfloat16). :func:`vjp` from the logits avoids the error of rounding σ.
     """
     fn = "softjac.vjp_from_probs"
     dispatch.check_backend(fn, backend)
