@@ -130,7 +130,7 @@ def test_all_ignored_mean_is_nan_with_zero_gradient_like_torch():
     out.backward()
     ref.backward()
     torch.testing.assert_close(z.grad, zr.grad, atol=0, rtol=0)
-    torch.testing.assert_close(softjac.cross_entropy_grad(z, t), zr.grad, atol=0, rtol=0)
+    torch.testing.assert_close(softjac.cross_entropy_grad(z.detach(), t), zr.grad, atol=0, rtol=0)
 
 
 def test_empty_batch_like_torch():
@@ -371,3 +371,43 @@ def test_fisher_sqrt_fully_masked_monte_carlo():
     z = torch.full((1, 3), float("-inf"))
     s = softjac.fisher_sqrt(z, num_samples=5, generator=torch.Generator().manual_seed(1))
     assert (s == 0).all()
+
+
+# -- results that are not differentiable refuse inputs that carry a derivative ----------------
+
+
+def _not_differentiable_cases():
+    t = torch.tensor([0, 2, 1])
+    return [
+        ("softjac.cross_entropy_grad", lambda z: softjac.cross_entropy_grad(z, t)),
+        ("softjac.cross_entropy_hessian", lambda z: softjac.cross_entropy_hessian(z, t)),
+        ("softjac.fisher_sqrt", lambda z: softjac.fisher_sqrt(z)),
+        ("softjac.SoftmaxJacobian.eigvalsh", lambda z: softjac.SoftmaxJacobian(z).eigvalsh()),
+        ("softjac.SoftmaxJacobian.eigh", lambda z: softjac.SoftmaxJacobian(z).eigh()),
+        (
+            "softjac.SoftmaxJacobian.spectral_norm",
+            lambda z: softjac.SoftmaxJacobian(z).spectral_norm(),
+        ),
+        ("softjac.SoftmaxJacobian.sqrtm", lambda z: softjac.SoftmaxJacobian(z).sqrtm()),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_not_differentiable_results_refuse_derivatives(case):
+    """Reverse mode (requires grad with grad mode on) and forward mode (a dual tensor) both
+    raise a named ValueError instead of returning a result without the derivative; detached
+    input, or grad mode off, gives the same values as before."""
+    import torch.autograd.forward_ad as fwad
+
+    name, f = _not_differentiable_cases()[case]
+    z = torch.randn(3, 4, dtype=F64)
+    expected = f(z)
+    with pytest.raises(ValueError, match=rf"`{name}`: .* requires grad, but this result is not"):
+        f(z.clone().requires_grad_())
+    with fwad.dual_level():
+        with pytest.raises(ValueError, match=rf"`{name}`: .* forward-mode tangent"):
+            f(fwad.make_dual(z, torch.randn_like(z)))
+    with torch.no_grad():
+        got = f(z.clone().requires_grad_())
+    if isinstance(expected, torch.Tensor):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)

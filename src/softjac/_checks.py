@@ -29,6 +29,7 @@ __all__ = [
     "check_tensor",
     "check_temperature",
     "fmt_bytes",
+    "refuse_derivatives",
     "fmt_shape",
 ]
 
@@ -252,4 +253,20 @@ def check_dense_size(
             f"{fmt_bytes(need)}{extra}, above `max_bytes` = {fmt_bytes(limit)}. "
             + (hint + " " if hint else "")
             + "Pass a larger `max_bytes` if the memory is there."
+        )
+
+
+def refuse_derivatives(fn: str, name: str, x: torch.Tensor, fix: str) -> None:
+    """Raise ``ValueError`` when ``x`` carries a derivative that ``fn`` would drop: it requires
+    grad while grad mode is on, or it is a forward-mode dual tensor. For the functions whose
+    result is deliberately not differentiable (gradients, factors, spectra): they never return
+    a tensor that silently lost its graph. ``fix`` says what to do instead (a sentence)."""
+    import torch.autograd.forward_ad as fwad
+
+    dual = fwad.unpack_dual(x).tangent is not None
+    if (x.requires_grad and torch.is_grad_enabled()) or dual:
+        kind = "a forward-mode tangent" if dual else "requires grad"
+        raise ValueError(
+            f"`{fn}`: `{name}` {kind}, but this result is not differentiable and would drop "
+            f"it. {fix}"
         )

@@ -21,7 +21,13 @@ from numbers import Real
 import torch
 
 from softjac import _autograd, _checks, _core
-from softjac._checks import as_float_dtype, check_logits, check_tensor, fmt_shape
+from softjac._checks import (
+    as_float_dtype,
+    check_logits,
+    check_tensor,
+    fmt_shape,
+    refuse_derivatives,
+)
 from softjac.kernels import _torch, dispatch
 
 __all__ = [
@@ -326,6 +332,10 @@ def cross_entropy_grad(
     """
     fn = "softjac.cross_entropy_grad"
     prep = _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction)
+    fix = "Pass detached tensors; for second derivatives differentiate `softjac.cross_entropy`."
+    refuse_derivatives(fn, "logits", logits, fix)
+    if weight is not None:
+        refuse_derivatives(fn, "weight", weight, fix)
     cd = as_float_dtype(logits.dtype)
     with torch.no_grad():
         z = prep.z2.to(cd)
@@ -527,6 +537,7 @@ def cross_entropy_hessian(
     """
     fn = "softjac.cross_entropy_hessian"
     z = _logits_rows(fn, logits)
+    refuse_derivatives(fn, "logits", logits, "Pass `logits.detach()`.")
     n, k = z.shape
     if reduction not in _REDUCTIONS:
         raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
@@ -578,7 +589,8 @@ def fisher_sqrt(
         Tensor in the compute dtype (float32 for half logits), not differentiable.
     """
     fn = "softjac.fisher_sqrt"
-    z = _logits_rows(fn, logits).detach()
+    z = _logits_rows(fn, logits)
+    refuse_derivatives(fn, "logits", logits, "Pass `logits.detach()`.")
     p = _core.softmax_last(z)
     n, k = p.shape
     if num_samples is None:

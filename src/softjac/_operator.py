@@ -42,6 +42,7 @@ from softjac._checks import (
     check_temperature,
     check_tensor,
     fmt_shape,
+    refuse_derivatives,
 )
 from softjac._functional import _prepare
 from softjac._spectral import secular_eigh, secular_eigvalsh, secular_spectral_norm
@@ -233,7 +234,9 @@ class SoftmaxJacobian(_Structured):
     :meth:`to_dense`, :meth:`diagonal`, :meth:`trace`, :meth:`frobenius_norm`,
     :meth:`log_pdet`, :meth:`solve_damped`, :meth:`logdet_damped` and the factors' products.
     The spectral methods (:meth:`eigvalsh`, :meth:`eigh`, :meth:`spectral_norm`,
-    :meth:`sqrtm`, :meth:`apply_function`) are computed on detached σ.
+    :meth:`sqrtm`, :meth:`apply_function`) have no autograd: they raise ``ValueError`` when σ
+    carries a derivative (logits that require grad with grad mode on, or dual tensors) instead
+    of dropping it; build the operator from detached logits for them.
 
     Example:
         >>> import torch, softjac
@@ -384,7 +387,7 @@ class SoftmaxJacobian(_Structured):
         times for m tied entries of value s, and the roots of ``Σ c_g/(d_g − λ) = 0``
         between consecutive distinct σ values, each accurate relative to itself. Divided by T.
         """
-        return self._scaled(secular_eigvalsh(self._p.detach()))
+        return self._scaled(secular_eigvalsh(self._spectral_probs(f"{_NAME}.eigvalsh")))
 
     def eigh(self, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending) and orthonormal eigenvectors (columns), ``Q diag(λ) Qᵀ``.
@@ -398,8 +401,16 @@ class SoftmaxJacobian(_Structured):
             ``(λ, Q)`` of shapes ``(*batch, K)`` and ``(*batch, K, K)``.
         """
         self._check_dense(f"{_NAME}.eigh", max_bytes, 4)
-        lam, q = secular_eigh(self._p.detach())
+        lam, q = secular_eigh(self._spectral_probs(f"{_NAME}.eigh"))
         return self._scaled(lam), q
+
+    def _spectral_probs(self, fn: str) -> torch.Tensor:
+        """σ for the spectral methods, which have no autograd: refuses (``ValueError``) σ that
+        carries a derivative (built from logits that require grad, or dual tensors) rather
+        than return a result that silently dropped it."""
+        fix = "Build the operator from detached logits (or probs) for the spectrum."
+        refuse_derivatives(fn, "σ", self._p, fix)
+        return self._p.detach()
 
     def _check_dense(self, fn: str, max_bytes: object, temporaries: int) -> None:
         check_dense_size(
@@ -408,7 +419,7 @@ class SoftmaxJacobian(_Structured):
 
     def spectral_norm(self) -> torch.Tensor:
         """``λ_max / T`` (≤ 1/(2T)), shape ``(*batch,)``; O(K log K) (one secular root)."""
-        return self._scaled(secular_spectral_norm(self._p.detach()))
+        return self._scaled(secular_spectral_norm(self._spectral_probs(f"{_NAME}.spectral_norm")))
 
     def apply_function(
         self, f: Callable[[torch.Tensor], torch.Tensor], *, max_bytes: int = DEFAULT_MAX_BYTES
@@ -418,6 +429,7 @@ class SoftmaxJacobian(_Structured):
         (``ValueError``) when the result and its temporaries (five K×K arrays at the peak)
         would exceed ``max_bytes`` (default 4 GiB)."""
         self._check_dense(f"{_NAME}.apply_function", max_bytes, 5)
+        self._spectral_probs(f"{_NAME}.apply_function")
         lam, q = self.eigh(max_bytes=max_bytes)
         return (q * f(lam).unsqueeze(-2)) @ q.mT
 
@@ -426,6 +438,7 @@ class SoftmaxJacobian(_Structured):
         :meth:`apply_function` (and its ``max_bytes``). For a factor with ``S Sᵀ = J`` in O(K)
         use :meth:`sqrt_factor`."""
         self._check_dense(f"{_NAME}.sqrtm", max_bytes, 5)
+        self._spectral_probs(f"{_NAME}.sqrtm")
         return self.apply_function(lambda lam: lam.clamp_min(0).sqrt(), max_bytes=max_bytes)
 
     # ------------------------------------------------------------------ inverses, determinants
