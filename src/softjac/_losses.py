@@ -328,7 +328,9 @@ def cross_entropy_grad(
 
     Same arguments, semantics and errors as :func:`cross_entropy`. Returns a tensor of the
     logits' shape and dtype (float32 math for half inputs). Cost O(N·K); not differentiable —
-    differentiate :func:`cross_entropy` twice for second derivatives.
+    differentiate :func:`cross_entropy` twice for second derivatives. Logits or weights that
+    carry a derivative (requires grad with grad mode on, or a forward-mode dual) raise
+    ``ValueError`` rather than have it dropped silently.
     """
     fn = "softjac.cross_entropy_grad"
     prep = _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, reduction)
@@ -586,7 +588,7 @@ def fisher_sqrt(
             above it ``ValueError``.
 
     Returns:
-        Tensor in the compute dtype (float32 for half logits), not differentiable.
+        Tensor in the compute dtype (float32 for half logits), not differentiable: logits that carry a derivative raise ``ValueError``.
     """
     fn = "softjac.fisher_sqrt"
     z = _logits_rows(fn, logits)
