@@ -588,7 +588,8 @@ def fisher_sqrt(
             above it ``ValueError``.
 
     Returns:
-        Tensor in the compute dtype (float32 for half logits), not differentiable: logits that carry a derivative raise ``ValueError``.
+        Tensor in the compute dtype (float32 for half logits), not differentiable: logits
+        that carry a derivative raise ``ValueError``.
     """
     fn = "softjac.fisher_sqrt"
     z = _logits_rows(fn, logits)
