@@ -224,20 +224,26 @@ def softmax(z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _dense_jacobian(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The ``(..., K, K)`` result of the dense C writer ``kernel`` (``softjac_jac`` from σ,
+    ``softjac_jac_logits`` from logits) run over the rows of ``x``; the dtype of ``x``."""
+    k = x.shape[-1]
+    x2, sx = _rows(x)
+    out = torch.empty((*x.shape, k), dtype=x.dtype)
+    n = x2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"{kernel}_{_SUFFIX[x.dtype]}"]
+        if fn(x2.data_ptr(), out.data_ptr(), n, k, sx, torch.get_num_threads()):
+            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
+    return out
+
+
 def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
     """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` by the C writer: O(K²) per row,
     written once (non-temporal stores for long float32 rows), the argmax diagonal entry as
     ``σ_{i*} Σ_{j≠i*} σ_j``; the dtype of ``probs``."""
     _lib_or_raise()
-    k = probs.shape[-1]
-    p2, sp = _rows(probs)
-    out = torch.empty((*probs.shape, k), dtype=probs.dtype)
-    n = p2.numel() // k if k else 0
-    if n and k:
-        fn = _fns[f"softjac_jac_{_SUFFIX[probs.dtype]}"]
-        if fn(p2.data_ptr(), out.data_ptr(), n, k, sp, torch.get_num_threads()):
-            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
-    return out
+    return _dense_jacobian(probs, "softjac_jac")
 
 
 def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -295,15 +301,7 @@ def jacobian_logits(z: torch.Tensor) -> torch.Tensor:
     writer: K exponentials per row, then O(K²) written once; the dtype of ``z``. Rows with a
     NaN or a +inf give NaN blocks, fully masked rows zeros."""
     _lib_or_raise()
-    k = z.shape[-1]
-    z2, sz = _rows(z)
-    out = torch.empty((*z.shape, k), dtype=z.dtype)
-    n = z2.numel() // k if k else 0
-    if n and k:
-        fn = _fns[f"softjac_jac_logits_{_SUFFIX[z.dtype]}"]
-        if fn(z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()):
-            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
-    return out
+    return _dense_jacobian(z, "softjac_jac_logits")
 
 
 def _weight_args(weight: torch.Tensor | None) -> tuple[torch.Tensor | None, int, float]:
