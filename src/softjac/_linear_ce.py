@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from softjac._checks import as_float_dtype, check_tensor, fmt_shape
-from softjac._losses import CrossEntropyHessian
+from softjac._losses import (
+    CrossEntropyHessian,
+    _check_ignore_index_type,
+    _check_reduction,
+    _check_smoothing_range,
+    _check_target_kind,
+)
 from softjac.kernels import _torch, dispatch
 
 __all__ = [
@@ -49,7 +55,6 @@ __all__ = [
 ]
 
 _FN = "softjac.linear_cross_entropy"
-_REDUCTIONS = ("none", "mean", "sum")
 # Default memory budget of the chunk buffer(s), per device type.
 _BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 _DEFAULT_BUDGET = 256 * 2**20
@@ -121,13 +126,7 @@ def _validate(
             raise TypeError(
                 f"`{fn}`: `{name}` must have the dtype of `input`. Got {t.dtype} and {input.dtype}."
             )
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"`{fn}`: `target` must be a torch.Tensor. Got {type(target).__name__}.")
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(
-            f"`{fn}`: `target` must hold int64 class indices or floating probabilities. "
-            f"Got dtype {target.dtype}."
-        )
+    _check_target_kind(fn, target)
     named = {**tensors, "target": target}
     if weight is not None:
         named["weight"] = weight
@@ -151,15 +150,10 @@ def _validate(
             f"`{fn}`: class-index `target` must have the batch shape of `input`, "
             f"{fmt_shape(batch_shape)}. Got {fmt_shape(target.shape)}."
         )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(
-            f"`{fn}`: `ignore_index` must be an int. Got {type(ignore_index).__name__}."
-        )
+    _check_reduction(fn, reduction)
+    _check_ignore_index_type(fn, ignore_index)
     eps = _real(fn, "label_smoothing", label_smoothing)
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"`{fn}`: `label_smoothing` must be in [0, 1]. Got {label_smoothing!r}.")
+    _check_smoothing_range(fn, eps, label_smoothing)
     lam = _real(fn, "z_loss", z_loss)
     if not (math.isfinite(lam) and lam >= 0.0):
         raise ValueError(f"`{fn}`: `z_loss` must be a finite number >= 0. Got {z_loss!r}.")

@@ -42,6 +42,39 @@ _REDUCTIONS = ("none", "mean", "sum")
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+def _check_target_kind(fn: str, target: object) -> None:
+    """``TypeError`` naming ``fn`` unless ``target`` is a tensor of class indices or
+    probabilities (not bool, not complex)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"`{fn}`: `target` must be a torch.Tensor. Got {type(target).__name__}.")
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(
+            f"`{fn}`: `target` must hold int64 class indices or floating probabilities. "
+            f"Got dtype {target.dtype}."
+        )
+
+
+def _check_reduction(fn: str, reduction: object) -> None:
+    """``ValueError`` naming ``fn`` unless ``reduction`` is 'none', 'mean' or 'sum'."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
+
+
+def _check_ignore_index_type(fn: str, ignore_index: object) -> None:
+    """``TypeError`` naming ``fn`` unless ``ignore_index`` is an int (not a bool)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(
+            f"`{fn}`: `ignore_index` must be an int. Got {type(ignore_index).__name__}."
+        )
+
+
+def _check_smoothing_range(fn: str, eps: float, label_smoothing: object) -> None:
+    """``ValueError`` naming ``fn`` unless ``eps`` (the value of ``label_smoothing``) is in
+    [0, 1]."""
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"`{fn}`: `label_smoothing` must be in [0, 1]. Got {label_smoothing!r}.")
+
+
 def _check_class_indices(fn: str, t: torch.Tensor, k: int, ignore_index: int) -> bool:
     """``IndexError`` naming ``fn`` unless every class index in ``t`` is in ``[0, K)`` or equal
     to ``ignore_index``; returns whether it is known that no row is ignored (then a 'mean'
@@ -116,27 +149,16 @@ def _prepare(fn, logits, target, dim, weight, ignore_index, label_smoothing, red
         dim = 0  # 1-D logits (K,) with a 0-d target, like F.cross_entropy
     d = check_logits(fn, logits, dim)
     k = logits.shape[d]
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"`{fn}`: `target` must be a torch.Tensor. Got {type(target).__name__}.")
-    if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(
-            f"`{fn}`: `target` must hold int64 class indices or floating probabilities. "
-            f"Got dtype {target.dtype}."
-        )
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
+    _check_target_kind(fn, target)
+    _check_reduction(fn, reduction)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real):
         raise TypeError(
             f"`{fn}`: `label_smoothing` must be a real number. "
             f"Got {type(label_smoothing).__name__}."
         )
     eps = float(label_smoothing)
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"`{fn}`: `label_smoothing` must be in [0, 1]. Got {label_smoothing!r}.")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(
-            f"`{fn}`: `ignore_index` must be an int. Got {type(ignore_index).__name__}."
-        )
+    _check_smoothing_range(fn, eps, label_smoothing)
+    _check_ignore_index_type(fn, ignore_index)
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         raise ValueError(
             f"`{fn}`: `ignore_index` must fit in int64 (class indices are int64). "
@@ -541,8 +563,7 @@ def cross_entropy_hessian(
     z = _logits_rows(fn, logits)
     refuse_derivatives(fn, "logits", logits, "Pass `logits.detach()`.")
     n, k = z.shape
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"`{fn}`: `reduction` must be one of {_REDUCTIONS}. Got {reduction!r}.")
+    _check_reduction(fn, reduction)
     p = _core.softmax_last(z.detach())
     if target is None:
         if weight is not None:

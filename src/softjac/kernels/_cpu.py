@@ -160,6 +160,19 @@ def _inner_layout(x: torch.Tensor) -> int | None:
     return None
 
 
+def _pair_rows(x: torch.Tensor, v: torch.Tensor):
+    """Row views of ``x`` and ``v`` and of a fresh output of ``x``'s shape and dtype, for the
+    kernels that read two tensors and write one: ``(out, (x2, v2, o2), (sx, sv, so), n)``,
+    with the row strides of :func:`_rows` and ``n`` the number of rows (0 when K = 0)."""
+    k = x.shape[-1] if x.dim() else 1
+    x2, sx = _rows(x)
+    v2, sv = _rows(v)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    o2, so = _rows(out)
+    n = x2.numel() // k if k else 0
+    return out, (x2, v2, o2), (sx, sv, so), n
+
+
 def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``J v = σ ⊙ (v − ⟨σ, v⟩)`` over the last dim by the C kernel; O(K) per row, one read
     of σ and v from memory and one write; the argmax entry is
@@ -194,11 +207,7 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 pm.data_ptr(), vm.data_ptr(), out.data_ptr(), nb, k, m, threads
             )
         return out.movedim(pos, -1)
-    p2, sp = _rows(probs)
-    v2, sv = _rows(v)
-    out = torch.empty(shape, dtype=probs.dtype)
-    o2, so = _rows(out)
-    n = p2.numel() // k if k else 0
+    out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
     if n and k:
         _fns[f"softjac_vjp_{suffix}"](
             p2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sp, sv, so, threads
@@ -224,20 +233,26 @@ def softmax(z: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _dense_jacobian(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The ``(..., K, K)`` result of the dense C writer ``kernel`` (``softjac_jac`` from σ,
+    ``softjac_jac_logits`` from logits) run over the rows of ``x``; the dtype of ``x``."""
+    k = x.shape[-1]
+    x2, sx = _rows(x)
+    out = torch.empty((*x.shape, k), dtype=x.dtype)
+    n = x2.numel() // k if k else 0
+    if n and k:
+        fn = _fns[f"{kernel}_{_SUFFIX[x.dtype]}"]
+        if fn(x2.data_ptr(), out.data_ptr(), n, k, sx, torch.get_num_threads()):
+            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
+    return out
+
+
 def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
     """Dense ``J = diag(σ) − σσᵀ`` of shape ``(..., K, K)`` by the C writer: O(K²) per row,
     written once (non-temporal stores for long float32 rows), the argmax diagonal entry as
     ``σ_{i*} Σ_{j≠i*} σ_j``; the dtype of ``probs``."""
     _lib_or_raise()
-    k = probs.shape[-1]
-    p2, sp = _rows(probs)
-    out = torch.empty((*probs.shape, k), dtype=probs.dtype)
-    n = p2.numel() // k if k else 0
-    if n and k:
-        fn = _fns[f"softjac_jac_{_SUFFIX[probs.dtype]}"]
-        if fn(p2.data_ptr(), out.data_ptr(), n, k, sp, torch.get_num_threads()):
-            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
-    return out
+    return _dense_jacobian(probs, "softjac_jac")
 
 
 def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -245,13 +260,8 @@ def softmax_vjp_from_logits(z: torch.Tensor, lse: torch.Tensor, v: torch.Tensor)
     accurate; σ below 1.2e-38 counts as 0); ``lse`` holds one value per row (shape
     ``(..., 1)``). Same passes and accuracy as :func:`softmax_vjp`."""
     _lib_or_raise()
-    shape = z.shape
-    k = shape[-1] if z.dim() else 1
-    z2, sz = _rows(z)
-    v2, sv = _rows(v)
-    out = torch.empty(shape, dtype=z.dtype)
-    o2, so = _rows(out)
-    n = z2.numel() // k if k else 0
+    k = z.shape[-1] if z.dim() else 1
+    out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     lse1 = lse.to(acc).reshape(-1).contiguous()
     # masked rows (lse = -inf) give zeros with any finite lse; +inf or NaN stays, so that
@@ -275,13 +285,8 @@ def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     a fully masked row gives zeros; ``v`` near the overflow threshold is scaled internally, so
     the result is finite wherever the exact one is representable."""
     _lib_or_raise()
-    shape = z.shape
-    k = shape[-1] if z.dim() else 1
-    z2, sz = _rows(z)
-    v2, sv = _rows(v)
-    out = torch.empty(shape, dtype=z.dtype)
-    o2, so = _rows(out)
-    n = z2.numel() // k if k else 0
+    k = z.shape[-1] if z.dim() else 1
+    out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
     if n and k:
         fn = _fns[f"softjac_vjp_exact_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so, torch.get_num_threads())
@@ -295,15 +300,7 @@ def jacobian_logits(z: torch.Tensor) -> torch.Tensor:
     writer: K exponentials per row, then O(K²) written once; the dtype of ``z``. Rows with a
     NaN or a +inf give NaN blocks, fully masked rows zeros."""
     _lib_or_raise()
-    k = z.shape[-1]
-    z2, sz = _rows(z)
-    out = torch.empty((*z.shape, k), dtype=z.dtype)
-    n = z2.numel() // k if k else 0
-    if n and k:
-        fn = _fns[f"softjac_jac_logits_{_SUFFIX[z.dtype]}"]
-        if fn(z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()):
-            raise MemoryError("softjac.jacobian: the CPU kernel could not allocate its workspace")
-    return out
+    return _dense_jacobian(z, "softjac_jac_logits")
 
 
 def _weight_args(weight: torch.Tensor | None) -> tuple[torch.Tensor | None, int, float]:

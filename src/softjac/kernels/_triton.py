@@ -159,6 +159,13 @@ def _row_stride(x2: torch.Tensor) -> int:
     return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
 
 
+def _pair_rows(x: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
+    """``(x2, v2, o2), (sx, sv, so)``: row views of the two inputs and of the (non-empty,
+    contiguous) output, and their row strides."""
+    x2, v2, o2 = _as_rows(x), _as_rows(v), out.view(-1, x.shape[-1])
+    return (x2, v2, o2), (_row_stride(x2), _row_stride(v2), _row_stride(o2))
+
+
 def softmax_vjp(
     probs: torch.Tensor,
     v: torch.Tensor,
@@ -174,12 +181,10 @@ def softmax_vjp(
     out = torch.empty(shape, dtype=probs.dtype, device=probs.device)
     if out.numel() == 0:
         return out
-    p2, v2 = _as_rows(probs), _as_rows(v)
-    o2 = out.view(-1, k)
+    (p2, v2, o2), (sp, sv, so) = _pair_rows(probs, v, out)
     n = p2.shape[0]
     from_logits = lse is not None
     lse1 = lse.reshape(-1).float().contiguous() if lse is not None else p2  # dummy if unused
-    sp, sv, so = _row_stride(p2), _row_stride(v2), _row_stride(o2)
     if k <= split_threshold:
         block = vjp_block_size(k)
         _vjp_row_kernel[(n,)](
@@ -346,10 +351,8 @@ def softmax_vjp_logits(
     out = torch.empty(shape, dtype=z.dtype, device=z.device)
     if out.numel() == 0:
         return out
-    z2, v2 = _as_rows(z), _as_rows(v)
-    o2 = out.view(-1, k)
+    (z2, v2, o2), (sz, sv, so) = _pair_rows(z, v, out)
     n = z2.shape[0]
-    sz, sv, so = _row_stride(z2), _row_stride(v2), _row_stride(o2)
     if k <= split_threshold:
         block = vjp_block_size(k)
         _exact_row_kernel[(n,)](z2, v2, o2, k, sz, sv, so, BLOCK=block, num_warps=_num_warps(block))
