@@ -76,6 +76,20 @@ class _Setup:
         except _LOCAL_ERRORS as exc:
             self.error = exc
 
+    def agree(self, vocab_start, **checks):
+        """``_comm.agree`` for this call: every rank's local error, shard shape, dtype and
+        ``checks`` compared with one collective before any work (so all raise together)."""
+        return _comm.agree(
+            self.fn,
+            self.group,
+            self.error,
+            self.shape_last(),
+            self.dtype(),
+            vocab_start=vocab_start,
+            extra_groups=self.extra_groups,
+            **checks,
+        )
+
     def shape_last(self) -> tuple[int, ...]:
         if self.error is not None and not isinstance(self.local, torch.Tensor):
             return (0,)
@@ -146,16 +160,7 @@ def log_softmax(
 
 def _elementwise(fn, logits, dim, group, vocab_start, function):
     st = _Setup(fn, logits, dim, group, vocab_start)
-    _comm.agree(
-        fn,
-        st.group,
-        st.error,
-        st.shape_last(),
-        st.dtype(),
-        vocab_start=vocab_start,
-        options=(fn, st.d),
-        extra_groups=st.extra_groups,
-    )
+    st.agree(vocab_start, options=(fn, st.d))
     x = st.local
     z = _core.to_last(x.to(as_float_dtype(x.dtype)), st.d)
     out = function.apply(z.reshape(-1, z.shape[-1]), st.group).reshape(z.shape)
@@ -199,16 +204,7 @@ def vjp(
                 )
         except _LOCAL_ERRORS as exc:
             st.error = exc
-    _comm.agree(
-        fn,
-        st.group,
-        st.error,
-        st.shape_last(),
-        st.dtype(),
-        vocab_start=vocab_start,
-        options=(fn, st.d),
-        extra_groups=st.extra_groups,
-    )
+    st.agree(vocab_start, options=(fn, st.d))
     x = st.local
     cd = as_float_dtype(x.dtype)
     with torch.no_grad():
@@ -287,18 +283,12 @@ def cross_entropy(
         except _LOCAL_ERRORS as exc:
             st.error = exc
     w_len = tuple(wl.shape) if isinstance(wl, torch.Tensor) else None
-    shards = _comm.agree(
-        fn,
-        st.group,
-        st.error,
-        st.shape_last(),
-        st.dtype(),
-        vocab_start=vocab_start,
+    shards = st.agree(
+        vocab_start,
         target=tl if kind == 1 else None,
         target_kind=kind,
         ignore_index=ignore_index if isinstance(ignore_index, int) else 0,
         options=(fn, reduction, eps, ignore_index, zl, w_len),
-        extra_groups=st.extra_groups,
     )
     if wl is not None and tuple(wl.shape) != (shards.total,):
         raise ValueError(
