@@ -38,7 +38,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from softjac._checks import as_float_dtype, check_tensor, fmt_shape
+from softjac._checks import as_float_dtype, check_same_shape, check_tensor, fmt_shape
 from softjac._losses import (
     CrossEntropyHessian,
     _check_ignore_index_type,
@@ -785,17 +785,7 @@ def linear_cross_entropy_ggn_vp(
             raise ValueError(f"`{fn}`: `v_bias` needs a `linear_bias`.")
         pairs.append(("v_bias", v_bias, "linear_bias", linear_bias))
     for name, t, ref_name, ref in pairs:
-        check_tensor(fn, name, t)
-        if t.shape != ref.shape:
-            raise ValueError(
-                f"`{fn}`: `{name}` must have the shape of `{ref_name}`. "
-                f"Got {fmt_shape(t.shape)} and {fmt_shape(ref.shape)}."
-            )
-        if t.device != ref.device:
-            raise ValueError(
-                f"`{fn}`: `{name}` and `{ref_name}` must be on the same device. "
-                f"Got {t.device} and {ref.device}."
-            )
+        check_same_shape(fn, name, t, ref_name, ref)
     with torch.no_grad():
         return _ggn_sweep(
             x2, linear_weight, linear_bias, t2, probs_target, weight, opts,
