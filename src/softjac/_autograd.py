@@ -123,7 +123,10 @@ def _memory(*tensors: torch.Tensor) -> bool:
     batched tensors of ``torch.autograd.gradcheck(..., check_batched_grad=True)`` (the older
     vmap, which calls ``forward`` on them); there the registered op runs instead, which that
     vmap evaluates slice by slice, so the chosen kernel still computes every value."""
-    return all(dispatch.has_memory(t) for t in tensors)
+    for t in tensors:  # (a loop, not all(generator): this runs on every call)
+        if not dispatch.has_memory(t):
+            return False
+    return True
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
@@ -165,15 +168,17 @@ def _apply(cls: type[torch.autograd.Function], *args):
     """``cls.apply(*args)`` through its ctx-form twin when every tensor argument is a plain
     tensor with memory (no ``torch.func`` wrapper); the twin's ``apply`` refuses, before running
     anything, when a ``torch.func`` transform is active, and then ``cls`` itself runs."""
-    if all(dispatch.has_memory(a) for a in args if isinstance(a, torch.Tensor)):
-        twin = _TWINS.get(cls)
-        if twin is None:
-            twin = _TWINS[cls] = _eager_twin(cls)
-        try:
-            return twin.apply(*args)
-        except RuntimeError as exc:
-            if "setup_context" not in str(exc):
-                raise
+    for a in args:  # (a loop, not all(generator): this runs on every call)
+        if isinstance(a, torch.Tensor) and not dispatch.has_memory(a):
+            return cls.apply(*args)
+    twin = _TWINS.get(cls)
+    if twin is None:
+        twin = _TWINS[cls] = _eager_twin(cls)
+    try:
+        return twin.apply(*args)
+    except RuntimeError as exc:
+        if "setup_context" not in str(exc):
+            raise
     return cls.apply(*args)
 
 
@@ -396,7 +401,8 @@ def vjp_probs(p: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.
 
 def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable exact ``J(σ(z)) v`` from logits (last dim), in ``z``'s dtype."""
-    v = v.to(z.dtype)
+    if v.dtype != z.dtype:
+        v = v.to(z.dtype)
     if _compiling():
         return _ops.softmax_vjp_logits(z, v, backend)
     if _plain(z, v):

@@ -63,23 +63,23 @@ def check_tensor(fn: str, name: str, x: object, *, floating: bool = True) -> tor
             f"`{fn}`: `{name}` must be a dense (strided) tensor. Got layout {x.layout}; convert "
             f"it first, e.g. `{name}.to_dense()`."
         )
-    if x.device.type == "meta":
+    if x.is_meta:
         raise ValueError(
             f"`{fn}`: `{name}` is on the meta device, which holds no values. Got a meta tensor "
             f"of shape {fmt_shape(x.shape)}."
         )
-    if floating and x.is_quantized:
-        raise TypeError(
-            f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
-            f"float64). Got the quantized dtype {x.dtype}; convert it first, e.g. "
-            f"`{name}.dequantize()`."
-        )
-    if floating and x.is_complex():
-        raise TypeError(
-            f"`{fn}`: `{name}` must have a real floating dtype (float16, bfloat16, float32 or "
-            f"float64). Got {x.dtype}; softmax is defined for real logits."
-        )
     if floating and x.dtype not in _FLOAT_DTYPES:
+        if x.is_quantized:
+            raise TypeError(
+                f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
+                f"float64). Got the quantized dtype {x.dtype}; convert it first, e.g. "
+                f"`{name}.dequantize()`."
+            )
+        if x.is_complex():
+            raise TypeError(
+                f"`{fn}`: `{name}` must have a real floating dtype (float16, bfloat16, float32 "
+                f"or float64). Got {x.dtype}; softmax is defined for real logits."
+            )
         raise TypeError(
             f"`{fn}`: `{name}` must have a floating dtype (float16, bfloat16, float32 or "
             f"float64). Got {x.dtype}; convert it first, e.g. `{name}.double()`."
@@ -126,7 +126,8 @@ def check_same_shape(fn: str, name: str, x: object, ref_name: str, ref: torch.Te
             f"`{fn}`: `{name}` must have the shape of `{ref_name}`. "
             f"Got {fmt_shape(x.shape)} and {fmt_shape(ref.shape)}."
         )
-    if x.device != ref.device:
+    # (``is_cpu`` first: ``.device`` builds a new object on every call)
+    if not (x.is_cpu and ref.is_cpu) and x.device != ref.device:
         raise ValueError(
             f"`{fn}`: `{name}` and `{ref_name}` must be on the same device. "
             f"Got {x.device} and {ref.device}."

@@ -213,7 +213,7 @@ def _jacobian_product(fn, logits, v, dim, mask, temperature, backend):
     out = _autograd.vjp_logits(z, _core.to_last(v, d), backend)
     if t != 1.0:
         out = out / t
-    return _core.from_last(out.to(logits.dtype), d)
+    return _core.from_last(out if out.dtype == logits.dtype else out.to(logits.dtype), d)
 
 
 def jvp(

@@ -228,11 +228,14 @@ def softmax(z: torch.Tensor, *, argmax: bool = False):
     row's first largest logit (so its first largest σ), −1 for a fully masked or NaN row —
     what :func:`softmax_vjp_argmax` needs: one entry per row, in row order (a flat ``(N,)``
     tensor). ``idx`` is None when K ≥ 2³¹."""
-    _lib_or_raise()
+    if _lib is None:
+        _lib_or_raise()
     k = z.shape[-1] if z.dim() else 1
-    z2, sz = _rows(z)
     # (empty_like of a contiguous tensor, and integer sizes, cost a fraction of empty(shape))
-    out = torch.empty_like(z) if z.is_contiguous() else torch.empty(z.shape, dtype=z.dtype)
+    if z.is_contiguous():
+        z2, sz, out = z, k, torch.empty_like(z)
+    else:
+        (z2, sz), out = _rows(z), torch.empty(z.shape, dtype=z.dtype)
     n = z2.numel() // k if k else 0
     idx = None
     if argmax and k < 2**31:
@@ -251,7 +254,8 @@ def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) 
     reduction pass (``s = Σ σ v`` and ``t = Σ σ (v_{i*} − v)`` together) and one output pass
     (the same values for rows above 64 entries; shorter rows add in another order). ``v``
     must have σ's dtype and shape."""
-    _lib_or_raise()
+    if _lib is None:
+        _lib_or_raise()
     k = probs.shape[-1] if probs.dim() else 1
     if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
         out = torch.empty_like(probs)
@@ -317,9 +321,14 @@ def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     A NaN in a row (of ``z`` or ``v``) or a +inf logit makes that row NaN; −inf is masked and
     a fully masked row gives zeros; ``v`` near the overflow threshold is scaled internally, so
     the result is finite wherever the exact one is representable."""
-    _lib_or_raise()
+    if _lib is None:
+        _lib_or_raise()
     k = z.shape[-1] if z.dim() else 1
-    out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
+    if z.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
+        out = torch.empty_like(z)
+        z2, v2, o2, sz, sv, so, n = z, v, out, k, k, k, z.numel() // k if k else 0
+    else:
+        out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
     if n and k:
         fn = _fns[f"softjac_vjp_exact_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so, torch.get_num_threads())

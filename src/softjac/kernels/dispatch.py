@@ -213,6 +213,11 @@ def _opaque(x: torch.Tensor) -> str:
     """Why the kernels cannot take ``x`` (they need its memory), or ``""`` when they can."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
+    return _no_memory(x)
+
+
+def _no_memory(x: torch.Tensor) -> str:
+    """:func:`_opaque` outside compilation: a tensor subclass or a tensor without storage."""
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         return f"a tensor subclass ({type(x).__name__})"
     if not has_memory(x):
@@ -249,9 +254,20 @@ def check_backend(fn: str, backend: object) -> None:
 
 def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
     """``"auto"``'s choice for ``op`` on ``x`` and why (never raises)."""
-    dev = x.device.type
     if x.numel() == 0:
         return "torch", "empty input"
+    if x.is_cpu:  # (``is_cpu`` first: ``x.device`` builds a new object on every call)
+        if x.dtype not in _C_OPS.get(op, ()):
+            return "torch", f"no C kernel for {x.dtype}"
+        if op == "softmax" and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+            return (
+                "torch",
+                "class dim not innermost (the C kernel would copy; torch reads it in place)",
+            )
+        if not _cpu.available():
+            return "torch", f"C kernels unavailable: {_cpu.unavailable_reason()}"
+        return "cpu", "CPU tensor, C kernel"
+    dev = x.device.type
     if dev == "cuda":
         if op not in _TRITON_OPS:
             return "torch", "no Triton kernel for this op (PyTorch's fused CUDA kernel)"
@@ -262,15 +278,7 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
         if not _triton_installed():
             return "torch", "triton is not installed"
         return "triton", "CUDA tensor, Triton kernel"
-    if dev != "cpu":
-        return "torch", f"no kernel for device {dev}"
-    if not _has_c_kernel(op, x):
-        return "torch", f"no C kernel for {x.dtype}"
-    if op == "softmax" and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
-        return "torch", "class dim not innermost (the C kernel would copy; torch reads it in place)"
-    if not _cpu.available():
-        return "torch", f"C kernels unavailable: {_cpu.unavailable_reason()}"
-    return "cpu", "CPU tensor, C kernel"
+    return "torch", f"no kernel for device {dev}"
 
 
 def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
@@ -298,8 +306,11 @@ def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Ten
         return "torch"
     tensors = (x, *others)
     if backend == "auto":
-        if any(_opaque(t) for t in tensors):
+        if torch.compiler.is_compiling():
             return "torch"
+        for t in tensors:  # (a loop, not any(generator): this runs on every call)
+            if _no_memory(t):
+                return "torch"
         return _auto(op, x)[0]
     for t in tensors:
         why = _opaque(t)
