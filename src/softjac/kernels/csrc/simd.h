@@ -192,9 +192,27 @@ static inline void cvst_part(float *x, cvf v, int64_t n) {
 #endif
 }
 
+/* a > b ? a : b lane by lane (a NaN in a gives b): one max instruction with AVX, whose
+ * definition is exactly that (GCC does not always see it in the select below). */
 static inline cvf cvmax(cvf a, cvf b) {
+#if CVL == 16 && defined(__AVX512F__)
+    return (cvf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif CVL == 8 && defined(__AVX__)
+    return (cvf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
     const cvi g = a > b;
     return (cvf)(((cvi)a & g) | ((cvi)b & ~g));
+#endif
+}
+
+/* g ? b : a lane by lane, for g a comparison result (all bits of a lane set or clear): one
+ * blend instruction with AVX. */
+static inline cvi cvsel(cvi g, cvi b, cvi a) {
+#if CVL == 8 && defined(__AVX__)
+    return (cvi)_mm256_blendv_ps((__m256)a, (__m256)b, (__m256)g);
+#else
+    return (b & g) | (a & ~g);
+#endif
 }
 
 /* Whether any lane of the comparison result m is set (one test instruction with AVX). */
