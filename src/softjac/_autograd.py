@@ -365,7 +365,7 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable ``σ = softmax(z)`` over the last dim (``backend`` already checked): the
     kernel directly, the registered op under ``torch.compile``, else :class:`SoftmaxLast`."""
     if _compiling():
-        return _ops.softmax(z, backend)
+        return _ops.call("softmax", backend, z)
     if _plain(z):
         return dispatch.run_softmax(z, backend)
     return _apply(SoftmaxLast, z, backend)
@@ -374,7 +374,7 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 def vjp_probs(p: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable ``J(σ) v`` with ``σ = p`` (last dim), in ``p``'s dtype."""
     if _compiling():
-        return _ops.softmax_vjp(p, v.to(p.dtype), backend)
+        return _ops.call("softmax_vjp", backend, p, v.to(p.dtype))
     if _plain(p, v):
         return dispatch.run_softmax_vjp(p, v, backend)
     return _apply(SoftmaxVJP, p, v, backend)
@@ -384,7 +384,7 @@ def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch
     """Differentiable exact ``J(σ(z)) v`` from logits (last dim), in ``z``'s dtype."""
     v = v.to(z.dtype)
     if _compiling():
-        return _ops.softmax_vjp_logits(z, v, backend)
+        return _ops.call("softmax_vjp_logits", backend, z, v)
     if _plain(z, v):
         return dispatch.run_softmax_vjp_logits(z, v, backend)
     return _apply(VJPLogits, z, v, backend)
@@ -393,7 +393,7 @@ def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch
 def jacobian_logits(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable exact dense ``diag(σ) − σσᵀ`` from logits (last dim), in ``z``'s dtype."""
     if _compiling():
-        return _ops.jacobian_logits(z, backend)
+        return _ops.call("jacobian_logits", backend, z)
     if _plain(z):
         return dispatch.run_jacobian_logits(z, backend)
     return _apply(JacobianLogits, z, backend)
@@ -640,11 +640,11 @@ def cross_entropy_rows(
 
 def _apply_ce_backward(*args):
     if _compiling():
-        return _ce_ops.cross_entropy_backward(*args)
+        return _ops.call("cross_entropy_backward", args[-1], *args[:-1])
     return _apply(CrossEntropyBackward, *args)
 
 
 def _apply_ce_rows(*args):
     if _compiling():
-        return _ce_ops.cross_entropy_forward(*args)
+        return _ops.call("cross_entropy_forward", args[-1], *args[:-1])
     return _apply(CrossEntropyRows, *args)

@@ -42,6 +42,7 @@ from softjac.kernels import dispatch
 
 __all__ = [
     "NAMESPACE",
+    "call",
     "fake_like",
     "probs_partial",
     "probs_tangent",
@@ -87,7 +88,49 @@ def register(
         op.register_autograd(backward, setup_context=setup_context)
     if vmap is not None:
         op.register_vmap(vmap)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+    overload = _REGISTERED[name] = getattr(getattr(torch.ops, NAMESPACE), name).default
+    return overload
+
+
+_REGISTERED: dict[str, torch.library.OpOverload] = {}
+# The ops with a Triton twin (softjac.kernels._triton_ops): the public function named in
+# errors and the dispatch op whose kernel decides. softmax has no Triton kernel of its own:
+# its twin is PyTorch's forward with the Triton VJP as backward, so the VJP decides.
+_TRITON_TWINS = {
+    "softmax": ("softjac.softmax", "softmax_vjp"),
+    "softmax_vjp": ("softjac.vjp_from_probs", "softmax_vjp"),
+    "softmax_vjp_logits": ("softjac.vjp", "softmax_vjp_logits"),
+    "softmax_jacobian": ("softjac.jacobian", "softmax_jacobian"),
+    "jacobian_logits": ("softjac.jacobian", "jacobian_logits"),
+    "cross_entropy_forward": ("softjac.cross_entropy", "cross_entropy_forward"),
+    "cross_entropy_backward": ("softjac.cross_entropy", "cross_entropy_backward"),
+}
+
+
+def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
+    """Whether ``dispatch`` resolves ``backend`` to ``"triton"`` for op ``name`` on ``x`` as a
+    trace sees it. An explicit backend that cannot run is left to the op, which raises when
+    it runs, as it does outside the compiler."""
+    if backend not in ("auto", "triton") or name not in _TRITON_TWINS:
+        return False
+    fn, op = _TRITON_TWINS[name]
+    try:
+        return dispatch._resolve(fn, backend, x, op, traced=True) == "triton"
+    except RuntimeError:
+        return False
+
+
+def call(name: str, backend: str, *args):
+    """``torch.ops.softjac.<name>(*args, backend)``; while ``torch.compile`` traces and
+    ``dispatch`` resolves ``backend`` to ``"triton"`` for the first tensor (device, dtype and
+    shape of the fake tensor), its ``triton_op`` twin ``torch.ops.softjac.<name>_triton(*args)``
+    instead, whose kernel launches the compiler sees (``softjac.kernels._triton_ops``).
+    Outside ``torch.compile`` this is the registered op, at the cost of one Python call."""
+    if torch.compiler.is_compiling() and _traced_triton(name, backend, args[0]):
+        from softjac.kernels import _triton_ops
+
+        return getattr(_triton_ops, name)(*args)
+    return _REGISTERED[name](*args, backend)
 
 
 def same_layout(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -283,7 +283,9 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
     return _resolve(fn, backend, x, op, *others)
 
 
-def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
+def _resolve(
+    fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor, traced: bool = False
+) -> str:
     """The one place where softjac picks an implementation for ``op`` on ``x``.
 
     ``"auto"`` never raises: it looks at the device, dtype and shape (see :func:`info`) and
@@ -291,11 +293,15 @@ def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Ten
     tensor subclasses, ``torch.compile`` tracing); an explicit backend that cannot run raises
     ``RuntimeError``. Recording for autograd is not decided here: the callers run it inside
     the registered ops or ``softjac._autograd``'s Functions (see :func:`graph_needs`).
+
+    ``traced=True``: the same decision for the tensors a ``torch.compile`` trace sees (fake
+    tensors: device, dtype and shape known, no memory), without the memory checks; used by
+    ``softjac.kernels._ops.call`` to record a Triton op in the graph.
     """
     check_backend(fn, backend)
     if backend == "torch":
         return "torch"
-    tensors = (x, *others)
+    tensors = () if traced else (x, *others)
     if backend == "auto":
         if any(_opaque(t) for t in tensors):
             return "torch"
