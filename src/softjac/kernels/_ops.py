@@ -113,6 +113,10 @@ def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
     it runs, as it does outside the compiler."""
     if backend not in ("auto", "triton") or name not in _TRITON_TWINS:
         return False
+    if backend == "auto" and x.device.type != "cuda":
+        # "auto" chooses Triton for CUDA tensors only; its CPU checks (loading the C
+        # kernels) are not for Dynamo to trace, and CPU tensors keep their ops
+        return False
     fn, op = _TRITON_TWINS[name]
     try:
         return dispatch._resolve(fn, backend, x, op, traced=True) == "triton"

@@ -527,7 +527,7 @@ def softmax(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         backend,
         (z,),
         lambda: run_softmax(z, backend),
-        lambda: _ops.softmax(z, backend),
+        lambda: _ops.call("softmax", backend, z),
         lambda: _torch.softmax(z),
     )
 
@@ -541,7 +541,7 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") 
         backend,
         (probs, v),
         lambda: run_softmax_vjp(probs, v, backend),
-        lambda: _ops.softmax_vjp(probs, v.to(probs.dtype), backend),
+        lambda: _ops.call("softmax_vjp", backend, probs, v.to(probs.dtype)),
         lambda: _torch.softmax_vjp(probs, v),
     )
 
@@ -554,7 +554,7 @@ def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, *, backend: str = "auto
         backend,
         (z, v),
         lambda: run_softmax_vjp_logits(z, v, backend),
-        lambda: _ops.softmax_vjp_logits(z, v.to(z.dtype), backend),
+        lambda: _ops.call("softmax_vjp_logits", backend, z, v.to(z.dtype)),
         lambda: _exact_vjp_torch(z, v),
     )
 
@@ -593,7 +593,7 @@ def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> tor
         backend,
         (probs,),
         lambda: run_softmax_jacobian(probs, backend),
-        lambda: _ops.softmax_jacobian(probs, backend),
+        lambda: _ops.call("softmax_jacobian", backend, probs),
         lambda: _torch.softmax_jacobian_dense(probs),
     )
 
@@ -606,7 +606,7 @@ def jacobian_logits(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         backend,
         (z,),
         lambda: run_jacobian_logits(z, backend),
-        lambda: _ops.jacobian_logits(z, backend),
+        lambda: _ops.call("jacobian_logits", backend, z),
         lambda: _exact_jacobian_torch(z),
     )
 
