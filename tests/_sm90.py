@@ -1,5 +1,9 @@
-"""Compile every Triton kernel configuration softjac's Triton ops can launch for sm_90 (H100),
-with Triton's own compiler and no GPU: ``python -m tests._sm90 [--all]``.
+"""Offline checks of softjac's Triton ops for sm_90 (H100), with no GPU:
+``python -m tests._sm90 [--all]``: the trace below, then the compile check (``--all``: the
+full compile sweep only).
+
+Compile: every Triton kernel configuration the ops can launch, compiled with Triton's own
+compiler.
 
 The launchers of ``softjac.kernels._triton`` run on ``meta`` tensors with a ``launch`` that
 records each launch (kernel, arguments, ``tl.constexpr`` values, ``num_warps``) instead of
@@ -7,13 +11,24 @@ running it; every distinct configuration is then compiled to PTX for
 ``GPUTarget("cuda", 90, 32)``. Default: the largest one-row block, float32, one chunk count;
 ``--all``: every block size, float32/bfloat16/float16, chunk counts up to 256. Prints one JSON
 line: the kernels compiled, the ``@triton.jit`` kernels the module defines, the number of
-configurations. Must run without ``TRITON_INTERPRET`` (tests/test_triton_ops.py starts it in
-a fresh process).
+configurations.
+
+Trace: ``torch.compile(fullgraph=True)`` of the public API with
+``backend="triton"`` through AOTAutograd, as on a GPU, stopping before anything runs: the
+joint forward-and-backward graph must hold the kernel launches
+(``triton_kernel_wrapper_functional``) and no softjac op. CPU tensors stand in for CUDA ones
+(the launches are traced on fake tensors, never run) and a stand-in Triton driver names the
+sm_90 target that PyTorch's analysis of which arguments a kernel writes compiles for (without
+a driver it assumes every argument is written). Prints one JSON line per traced function.
+
+Must run without ``TRITON_INTERPRET`` at import (tests/test_triton_ops.py starts it in a
+fresh process).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -99,7 +114,82 @@ def compile_all(recorded):
     return sorted(kernels), len(seen)
 
 
+class _Sm90Driver:
+    """The part of a Triton driver PyTorch's kernel analysis asks for: the target."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _trace_models():
+    import softjac
+
+    def softmax(z, v, t):
+        return (softjac.softmax(z, temperature=0.5, backend="triton") * v).sum()
+
+    def vjp(z, v, t):
+        return softjac.vjp(z, v, backend="triton").square().sum()
+
+    def vjp_from_probs(z, v, t):
+        return softjac.vjp_from_probs(torch.softmax(z, -1), v, backend="triton").square().sum()
+
+    def jacobian(z, v, t):
+        return softjac.jacobian(z, backend="triton").square().sum()
+
+    def cross_entropy(z, v, t):
+        return softjac.cross_entropy(z, t, label_smoothing=0.1, backend="triton")
+
+    return [softmax, vjp, vjp_from_probs, jacobian, cross_entropy]
+
+
+def trace():
+    """Trace each model through AOTAutograd; one JSON line each: the number of kernel launches
+    in the joint graph, the softjac ops left in it."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import default_partition
+
+    triton.runtime.driver.set_active(_Sm90Driver())
+    os.environ["TRITON_INTERPRET"] = "1"  # dispatch takes CPU tensors for "triton" only then
+    for model in _trace_models():
+        joints = []
+
+        def partition(joint, inputs, joints=joints, **kwargs):
+            joints.append(joint)
+            return default_partition(joint, inputs, **kwargs)
+
+        def stop(gm, example_inputs):
+            def run(*args):
+                raise _Stop
+
+            return run
+
+        torch._dynamo.reset()
+        fn = torch.compile(
+            model,
+            backend=aot_autograd(fw_compiler=stop, bw_compiler=stop, partition_fn=partition),
+            fullgraph=True,
+        )
+        z = torch.randn(4, 300, requires_grad=True)
+        try:
+            fn(z, torch.randn(4, 300), torch.tensor([0, 7, 299, 3]))
+        except _Stop:
+            pass
+        nodes = [n for gm in joints for n in gm.graph.nodes if n.op == "call_function"]
+        launches = sum("triton_kernel_wrapper_functional" in str(n.target) for n in nodes)
+        ops = sorted({str(n.target) for n in nodes if str(n.target).startswith("softjac.")})
+        print(json.dumps({"model": model.__name__, "launches": launches, "softjac_ops": ops}))
+
+
 def main(argv):
+    if "--all" not in argv:
+        trace()
     if "--all" in argv:
         ks, k = [], 1
         while k <= _triton.SPLIT_THRESHOLD:

@@ -25,6 +25,14 @@ split-row structure (two reads of the data at most).
 
 ``from_logits`` variants of the VJP from σ recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
 −inf and ``lse`` anything give σ = 0).
+
+Launches: every launcher takes ``launch``, applied to each kernel before ``[grid](...)``:
+:func:`direct` (the kernel itself) for eager calls, ``torch.library.wrap_triton`` in the bodies
+of the registered Triton ops (``softjac.kernels._triton_ops``), where a trace records each
+launch. Grids are tuples, the configuration is ``tl.constexpr`` keywords and ``num_warps``
+(no autotuning, no heuristics); outputs and workspaces are fresh tensors passed as they are.
+The ``tl.constexpr`` values come from ``int(K)``: a trace with a symbolic class dim
+specializes on it (each K its own kernels, as in eager mode).
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ def direct(kernel):
 
 def vjp_block_size(k: int) -> int:
     """The ``BLOCK`` the one-row VJP kernel uses for ``K`` columns: ``next_pow2(K)``, ≥ 16."""
-    return max(MIN_BLOCK, triton.next_power_of_2(max(k, 1)))
+    return max(MIN_BLOCK, triton.next_power_of_2(max(int(k), 1)))
 
 
 def _num_warps(block: int) -> int:
@@ -210,7 +218,7 @@ def softmax_vjp(
         return out
     chunk = triton.next_power_of_2(split_chunk)
     n_chunks = triton.cdiv(k, chunk)
-    nc_block = max(2, triton.next_power_of_2(n_chunks))
+    nc_block = max(2, triton.next_power_of_2(int(n_chunks)))
     dev = probs.device
     ws_s = torch.empty((n, n_chunks), dtype=torch.float32, device=dev)
     ws_m = torch.empty_like(ws_s)
@@ -379,7 +387,7 @@ def softmax_vjp_logits(
         return out
     chunk = triton.next_power_of_2(split_chunk)
     n_chunks = triton.cdiv(k, chunk)
-    nc_block = max(2, triton.next_power_of_2(n_chunks))
+    nc_block = max(2, triton.next_power_of_2(int(n_chunks)))
     dev = z.device
     ws_m = torch.empty((n, n_chunks), dtype=torch.float32, device=dev)
     ws_r, ws_w, ws_q = torch.empty_like(ws_m), torch.empty_like(ws_m), torch.empty_like(ws_m)
@@ -436,7 +444,7 @@ def softmax_jacobian_dense(probs: torch.Tensor, *, launch: Callable = direct) ->
     rest = p32.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
     diag = (p32 * (1 - p32)).scatter(-1, idx, p32.gather(-1, idx) * rest).contiguous()
     n = p2.shape[0]
-    bi, bj = 32, min(256, max(16, triton.next_power_of_2(k)))
+    bi, bj = 32, min(256, max(16, triton.next_power_of_2(int(k))))
     grid = (n, triton.cdiv(k, bi), triton.cdiv(k, bj))
     launch(_jacobian_kernel)[grid](p2, diag, out, k, _row_stride(p2), k, BI=bi, BJ=bj, num_warps=4)
     return out

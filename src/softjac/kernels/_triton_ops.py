@@ -198,6 +198,8 @@ def _ce_forward_fn(
         _rows(logits), target.reshape(-1), weight, ignore_index, eps, stats=True,
         launch=wrap_triton,
     )  # fmt: skip
+    if logits.ndim == 2:
+        return loss, m, ls
     shape = _ce_ops._rows_shape(logits)
     return loss.reshape(shape), m.reshape(shape), ls.reshape(shape)
 
