@@ -13,7 +13,9 @@ Three ways to the same kernels (``softjac.kernels.dispatch`` decides which kerne
   the ``dispatch.run_*`` call directly, with no autograd bookkeeping;
 * ``torch.compile`` tracing: the registered ops ``torch.ops.softjac.*``
   (``softjac.kernels._ops``: fake implementations, registered autograd), which stay nodes of
-  the graph — Dynamo cannot trace a Function that defines ``jvp``;
+  the graph — Dynamo cannot trace a Function that defines ``jvp``; where ``dispatch`` resolves
+  the backend to Triton, their ``triton_op`` twins, whose launches the compiler sees
+  (``softjac.kernels._ops.call``);
 * otherwise: the Functions below, whose ``forward`` calls the same ``run_*`` function.
 
 The entry points are :func:`softmax_last`, :func:`vjp_probs`, :func:`vjp_logits` and

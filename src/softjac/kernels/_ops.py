@@ -31,9 +31,15 @@ Ops (class dim last, any leading shape; ``backend`` is ``"auto" | "torch" | "tri
   logits; ``∂/∂z: G ↦ J (diag(G) − (G + Gᵀ) σ)``.
 
 Other kernel families register their ops with :func:`register` and the vmap helpers below.
+
+Under ``torch.compile`` the Python layers call the ops through :func:`call`, which records the
+``triton_op`` twin ``torch.ops.softjac.<name>_triton`` (``softjac.kernels._triton_ops``)
+instead where ``dispatch`` resolves the backend to Triton for the traced tensors, so that the
+compiler sees the kernel launches; everywhere else it is the op above.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -124,7 +130,7 @@ def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
         return False
 
 
-def call(name: str, backend: str, *args):
+def call(name: str, backend: str, *args: object) -> Any:
     """``torch.ops.softjac.<name>(*args, backend)``; while ``torch.compile`` traces and
     ``dispatch`` resolves ``backend`` to ``"triton"`` for the first tensor (device, dtype and
     shape of the fake tensor), its ``triton_op`` twin ``torch.ops.softjac.<name>_triton(*args)``

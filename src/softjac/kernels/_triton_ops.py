@@ -50,6 +50,8 @@ storage"). The ``triton_kernel_wrapper_functional`` nodes exist on CUDA only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.library import wrap_triton
 
@@ -74,7 +76,8 @@ def _register(name: str, fn, fake, backward, setup_context, vmap_rule=None):
 
     ``fake`` replaces the fake implementation ``triton_op`` derives from ``fn``: that one
     launches the kernels on fake tensors, which the Triton interpreter cannot do."""
-    op = torch.library.triton_op(f"{_ops.NAMESPACE}::{name}_triton", fn, mutates_args=())
+    # (given the function, triton_op returns the op definition, typed as a plain callable)
+    op: Any = torch.library.triton_op(f"{_ops.NAMESPACE}::{name}_triton", fn, mutates_args=())
     op.register_fake(fake)
     op.register_autograd(backward, setup_context=setup_context)
     overload = getattr(getattr(torch.ops, _ops.NAMESPACE), f"{name}_triton").default

@@ -32,7 +32,8 @@ tensors and record nothing; they are what the registered ops (``softjac.kernels.
 entry points here (``softmax``, ``softmax_vjp``, ``softmax_vjp_logits``,
 ``softmax_jacobian_dense``, ``jacobian_logits``) call the kernel directly when nothing needs
 a graph, the registered op (with its autograd) when an input requires grad or under
-``torch.compile``, and for forward-mode dual tensors or ``torch.func`` wrappers the PyTorch
+``torch.compile`` (there its ``triton_op`` twin where the backend resolves to Triton, see
+``softjac.kernels._ops.call``), and for forward-mode dual tensors or ``torch.func`` wrappers the PyTorch
 code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an explicit kernel
 backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
 same code whatever the entry point.
