@@ -130,7 +130,7 @@ def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
         return False
 
 
-def call(name: str, backend: str, *args: object) -> Any:
+def call(name: str, backend: str, *args: Any) -> Any:
     """``torch.ops.softjac.<name>(*args, backend)``; while ``torch.compile`` traces and
     ``dispatch`` resolves ``backend`` to ``"triton"`` for the first tensor (device, dtype and
     shape of the fake tensor), its ``triton_op`` twin ``torch.ops.softjac.<name>_triton(*args)``
