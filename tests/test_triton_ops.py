@@ -5,12 +5,13 @@ autograd through ``F.cross_entropy``), the fake implementations against the real
 (``torch.library.opcheck``), vmap, and ``torch.compile(fullgraph=True)`` of the public API with
 ``backend="triton"``: the captured graph holds the Triton ops and equals eager mode.
 
-Without a GPU the kernels run in Triton's interpreter on CPU tensors (tiny sizes). There the
-graph Dynamo captures is what can be checked: AOTAutograd's decomposition of a ``triton_op``
-launches the interpreted kernel on fake tensors, which cannot work, so the
-``triton_kernel_wrapper_functional`` nodes and Inductor are checked by the ``gpu`` tests only.
-Every kernel configuration the ops can launch is compiled for sm_90 by the last tests here
-(no GPU needed; the full sweep is marked slow).
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tiny sizes): there the
+graph Dynamo captures holds the Triton ops, and compiling through AOTAutograd (``aot_eager``)
+gives eager mode's values (the interpreted bodies are recorded as the custom ops). The
+``triton_kernel_wrapper_functional`` nodes are checked by tracing the compiled (not
+interpreted) kernels on fake tensors in a separate process (``tests/_sm90.py``, which also
+compiles every kernel configuration the ops can launch for sm_90) and, on a GPU, with
+Inductor (the ``gpu`` test).
 """
 
 from __future__ import annotations
@@ -344,6 +345,24 @@ def test_compile_records_the_triton_ops():
     torch.testing.assert_close(gc, ge, atol=1e-6, rtol=1e-6)
     assert abs(out.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
     assert torch.allclose(gc.cpu().double(), gr, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_through_aot_autograd_equals_eager():
+    """The same model compiled with ``aot_eager`` (AOTAutograd, forward and backward graphs):
+    value and gradient equal eager mode (on CPU the interpreted kernels run inside the custom
+    ops that the Triton ops' bodies record there; on CUDA they are launches in the graph)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    z, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    target = torch.tensor([1, 0, 4])
+    compiled = torch.compile(_model, backend="aot_eager", fullgraph=True)
+    zc, ze = dev(z).clone().requires_grad_(), dev(z).clone().requires_grad_()
+    out = compiled(zc, dev(v), dev(target), "triton")
+    (gc,) = torch.autograd.grad(out, zc)
+    eager = _model(ze, dev(v), dev(target), "triton")
+    (ge,) = torch.autograd.grad(eager, ze)
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gc, ge, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])

@@ -49,6 +49,7 @@ from softjac.kernels import dispatch
 __all__ = [
     "NAMESPACE",
     "call",
+    "registered",
     "fake_like",
     "probs_partial",
     "probs_tangent",
@@ -99,6 +100,13 @@ def register(
 
 
 _REGISTERED: dict[str, torch.library.OpOverload] = {}
+
+
+def registered(name: str) -> torch.library.OpOverload:
+    """The op ``torch.ops.softjac.<name>`` registered by :func:`register`."""
+    return _REGISTERED[name]
+
+
 # The ops with a Triton twin (softjac.kernels._triton_ops): the public function named in
 # errors and the dispatch op whose kernel decides. softmax has no Triton kernel of its own:
 # its twin is PyTorch's forward with the Triton VJP as backward, so the VJP decides.

@@ -42,14 +42,17 @@ resolves to ``"torch"``):
   ``softjac.kernels._ce_ops`` (2-D logits, or ``(B, K, M)`` copied into rows).
 
 Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) ``wrap_triton`` hands the
-interpreted kernel back unwrapped, so only the graph Dynamo captures holds these ops (run as
-ops, they compute eagerly); AOTAutograd's decomposition then launches the interpreted kernel
-on fake tensors and fails ("Attempted to access the data pointer on an invalid python
-storage"). The ``triton_kernel_wrapper_functional`` nodes exist on CUDA only.
+interpreted kernel back unwrapped, and AOTAutograd's decomposition of a body would launch it
+on fake tensors ("Attempted to access the data pointer on an invalid python storage"). There
+the bodies record the ``custom_op`` with backend ``"triton"`` instead (:func:`_interpretable`):
+every compile backend works, Dynamo's graph holds the Triton ops, AOTAutograd's the custom
+ops, and the interpreter runs the kernels when the graph runs. ``triton_kernel_wrapper_functional``
+nodes come from compiled kernels only (on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -70,6 +73,34 @@ __all__ = [
 ]
 
 
+def _has_data(x: torch.Tensor) -> bool:
+    """False for the fake and functional tensors of a trace (no data pointer)."""
+    try:
+        x.data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _interpretable(name: str, fn):
+    """``fn``, except where it would hand tensors without data to interpreted kernels
+    (AOTAutograd decomposing the op for CPU tensors under ``TRITON_INTERPRET=1``): there the
+    ``custom_op`` ``torch.ops.softjac.<name>(..., "triton")``, recorded as one node, which runs
+    the same kernels in the interpreter when the compiled graph runs. On CUDA, never."""
+
+    @functools.wraps(fn)
+    def body(*args):
+        if _INTERPRETED and not _has_data(args[0]):
+            out = _ops.registered(name)(*args, "triton")
+            return out.contiguous() if isinstance(out, torch.Tensor) else out
+        return fn(*args)
+
+    return body
+
+
+_INTERPRETED = type(_triton._vjp_row_kernel).__name__ == "InterpretedFunction"
+
+
 def _register(name: str, fn, fake, backward, setup_context, vmap_rule=None):
     """``torch.ops.softjac.<name>_triton`` (``fn``'s annotations give the schema): a
     ``triton_op`` with ``fake``, autograd and a vmap rule (default: :func:`_ops.vmap_leading`).
@@ -77,7 +108,9 @@ def _register(name: str, fn, fake, backward, setup_context, vmap_rule=None):
     ``fake`` replaces the fake implementation ``triton_op`` derives from ``fn``: that one
     launches the kernels on fake tensors, which the Triton interpreter cannot do."""
     # (given the function, triton_op returns the op definition, typed as a plain callable)
-    op: Any = torch.library.triton_op(f"{_ops.NAMESPACE}::{name}_triton", fn, mutates_args=())
+    op: Any = torch.library.triton_op(
+        f"{_ops.NAMESPACE}::{name}_triton", _interpretable(name, fn), mutates_args=()
+    )
     op.register_fake(fake)
     op.register_autograd(backward, setup_context=setup_context)
     overload = getattr(getattr(torch.ops, _ops.NAMESPACE), f"{name}_triton").default
