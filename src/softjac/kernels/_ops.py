@@ -49,12 +49,12 @@ from softjac.kernels import dispatch
 __all__ = [
     "NAMESPACE",
     "call",
-    "registered",
     "fake_like",
     "probs_partial",
     "probs_tangent",
     "jacobian_logits",
     "register",
+    "registered",
     "same_layout",
     "softmax",
     "softmax_jacobian",

@@ -33,9 +33,9 @@ entry points here (``softmax``, ``softmax_vjp``, ``softmax_vjp_logits``,
 ``softmax_jacobian_dense``, ``jacobian_logits``) call the kernel directly when nothing needs
 a graph, the registered op (with its autograd) when an input requires grad or under
 ``torch.compile`` (there its ``triton_op`` twin where the backend resolves to Triton, see
-``softjac.kernels._ops.call``), and for forward-mode dual tensors or ``torch.func`` wrappers the PyTorch
-code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an explicit kernel
-backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
+``softjac.kernels._ops.call``), and for forward-mode dual tensors or ``torch.func`` wrappers
+the PyTorch code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an
+explicit kernel backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
 same code whatever the entry point.
 
 Layouts: rows addressed through a row stride need no copy in any backend (row slices,
