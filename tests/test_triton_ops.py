@@ -241,37 +241,43 @@ def test_vmap():
     assert torch.equal(out.cpu(), OPS.softmax_vjp_triton(p3, v3).transpose(0, 1).cpu())
 
 
-@pytest.mark.parametrize("name", ["softmax_vjp_triton", "softmax_jacobian_triton"])
-def test_opcheck(name):
-    """Schema, autograd registration and the fake implementation against the real output
-    (shape, dtype, strides). On CUDA also AOTAutograd (the decomposed kernels)."""
-    _, p, v = _inputs(3, 10, torch.float32, seed=7)
-    args = (dev(p), dev(v)) if name == "softmax_vjp_triton" else (dev(p),)
-    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
-    if DEVICE == "cuda":
-        utils.append("test_aot_dispatch_dynamic")
-    torch.library.opcheck(getattr(OPS, name).default, args, test_utils=utils)
-
-
 @pytest.mark.parametrize("name", TRITON_OPS)
-def test_fake_matches_real(name):
-    """What ``torch.compile`` is told about each op's outputs (its fake implementation) is
-    what the op returns: shape, dtype, device and strides."""
+def test_opcheck(name):
+    """``torch.library.opcheck``: the schema, the autograd registration, and what
+    ``torch.compile`` is told about each op's outputs (its fake implementation) against what
+    the op returns — shape, dtype, device and strides. On CUDA also AOTAutograd with dynamic
+    shapes (the decomposed kernel launches)."""
     z, p, v = _inputs(2, 6, torch.bfloat16, seed=8)
     t = torch.tensor([1, 4])
     m, ls = torch.zeros(2), torch.ones(2)
+    w = torch.rand(6) + 0.5
     args = {
         "softmax_triton": (z,),
         "softmax_vjp_triton": (p, v),
         "softmax_vjp_logits_triton": (z, v),
         "softmax_jacobian_triton": (p,),
         "jacobian_logits_triton": (z,),
-        "cross_entropy_forward_triton": (z, t, None, -100, 0.0),
-        "cross_entropy_backward_triton": (z, torch.ones(2), t, m, ls, None, -100, 0.0),
+        "cross_entropy_forward_triton": (z, t, w, -100, 0.1),
+        "cross_entropy_backward_triton": (z, torch.ones(2), t, m, ls, None, 1, 0.0),
     }[name]
-    torch.library.opcheck(
-        getattr(OPS, name).default, tuple(map(dev, args)), test_utils=["test_faketensor"]
+    utils = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if DEVICE == "cuda":
+        utils.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(getattr(OPS, name).default, tuple(map(dev, args)), test_utils=utils)
+
+
+def test_vmap_cross_entropy():
+    """vmap over a batch of row blocks equals one call per block (the rows are folded)."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(3, 4, 9, generator=g)
+    t = torch.randint(0, 9, (3, 4), generator=g)
+    loss, m, ls = torch.vmap(OPS.cross_entropy_forward_triton, in_dims=(0, 0, None, None, None))(
+        dev(z), dev(t), None, -100, 0.0
     )
+    for b in range(3):
+        want = OPS.cross_entropy_forward_triton(dev(z[b]), dev(t[b]), None, -100, 0.0)
+        for got, ref in zip((loss[b], m[b], ls[b]), want, strict=True):
+            assert torch.equal(got.cpu(), ref.cpu())
 
 
 # --------------------------------------------------------------------------------------------
