@@ -402,7 +402,7 @@ def test_inductor_sees_the_kernels():
 
     def grab(gm, example_inputs):
         graphs.append(gm)
-        return gm
+        return gm.forward
 
     fn = torch.compile(
         _model, backend=aot_autograd(fw_compiler=grab, bw_compiler=grab), fullgraph=True
