@@ -16,6 +16,8 @@ Design (one backend decision, made once):
   else the ``custom_op`` ``torch.ops.softjac.<name>(*args, backend)`` as before. Eager calls
   never come here: they launch the same kernels directly (``dispatch.run_*``), without an op
   in between. CPU tensors under ``"auto"``, ``"cpu"`` or ``"torch"`` never reach these ops.
+  ``"auto"``'s fallback after a failed Triton launch (``dispatch._triton_or_fallback``) is an
+  eager one: in a compiled graph a kernel the toolchain rejects is a compile error.
 * The bodies are the launchers of ``softjac.kernels._triton`` with ``launch=wrap_triton``:
   one launcher per kernel family for eager and traced calls. Grids are tuples, configuration
   values are ``tl.constexpr`` keyword arguments (plus ``num_warps``), no autotuning.
