@@ -121,11 +121,16 @@ _TRITON_TWINS = {
 }
 
 
+# torch.library.triton_op and wrap_triton exist from torch 2.6; with 2.5 the Triton kernels
+# stay inside the custom ops in a compiled graph.
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
 def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
     """Whether ``dispatch`` resolves ``backend`` to ``"triton"`` for op ``name`` on ``x`` as a
     trace sees it. An explicit backend that cannot run is left to the op, which raises when
     it runs, as it does outside the compiler."""
-    if backend not in ("auto", "triton") or name not in _TRITON_TWINS:
+    if backend not in ("auto", "triton") or name not in _TRITON_TWINS or not _HAS_TRITON_OP:
         return False
     if backend == "auto" and x.device.type != "cuda":
         # "auto" chooses Triton for CUDA tensors only; its CPU checks (loading the C
