@@ -838,3 +838,98 @@ def test_cpu_vjp_logits_exact_near_overflow(dtype):
         scale = exact_vjp_scale(z.double(), v.double() * sh) / sh
         err = (out.double() - ref).abs()
         assert (err <= 32 * COMPUTE_EPS[dtype] * scale + 1e-300).all(), k
+
+
+# ---------------------------------------------------------------------------------------------
+# the softmax forward's row argmax and the VJP that takes it
+
+
+def _first_argmax_or_minus_one(z: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's largest logit, −1 for rows that are fully masked or hold
+    a NaN or +inf (independent of the kernels: torch on float64)."""
+    z64 = z.double().reshape(-1, z.shape[-1])
+    bad = z64.isnan().any(-1) | (z64 == math.inf).any(-1) | (z64 == -math.inf).all(-1)
+    first = (z64 == z64.amax(-1, keepdim=True)).to(torch.int64).argmax(-1)
+    return torch.where(bad, -1, first)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("k", (1, 3, 8, 64, 128, 511, 513, 1000, 4097))
+def test_cpu_softmax_argmax_and_vjp_argmax(dtype, k):
+    """``softmax(z, argmax=True)`` returns the first argmax of every row (−1 for masked and NaN
+    rows) next to the same σ as without it; ``softmax_vjp_argmax`` with it is J(σ)v within the
+    entrywise bound of :func:`vjp_error_ratio` (argmax entry included) and, for float32 rows
+    above 64 entries, equals bit for bit the kernel that finds i* itself (shorter rows add in
+    another order)."""
+    g = torch.Generator().manual_seed(k)
+    z = (4.0 * torch.randn(8, k, generator=g, dtype=torch.float64)).to(dtype)
+    z[1] = 0.5  # all tied: i* = 0
+    z[2, k // 2 :] = 7.0  # a tie later in the row: the first one counts
+    z[3] = -math.inf  # fully masked
+    z[4, k - 1] = math.nan
+    z[5, 0] = math.inf
+    z[6, :-1] = -math.inf  # only the last entry alive
+    p, idx = _cpu.softmax(z, argmax=True)
+    assert idx.dtype == torch.int32 and idx.shape == (8,)
+    assert torch.equal(idx.long(), _first_argmax_or_minus_one(z))
+    assert torch.equal(p.nan_to_num(7.0), _cpu.softmax(z).nan_to_num(7.0))
+    v = torch.randn(8, k, generator=g, dtype=torch.float64).to(dtype)
+    out = _cpu.softmax_vjp_argmax(p, v, idx)
+    assert out.dtype == dtype and out.shape == p.shape
+    assert bool(out[[4, 5]].isnan().all())
+    assert torch.equal(out[3], torch.zeros(k, dtype=dtype))
+    good = [0, 1, 2, 6, 7]
+    assert vjp_error_ratio(out[good], p[good], v[good]) <= 1.0
+    same = _cpu.softmax_vjp(p, v)[good]
+    if k > 64 and dtype == torch.float32:
+        assert torch.equal(out[good], same)
+    # strided v (the incoming gradient need not be contiguous)
+    vt = torch.randn(k, 8, generator=g, dtype=torch.float64).to(dtype).mT
+    out_t = _cpu.softmax_vjp_argmax(p, vt, idx)
+    assert vjp_error_ratio(out_t[good], p[good], vt[good]) <= 1.0
+
+
+@needs_cpu_kernel
+def test_cpu_softmax_exp_fast_path_boundary():
+    """The forward's exponential takes a shorter path where every lane is at least −87.33
+    (normal results) and the full one elsewhere: σ = exp(−t)/(1 + exp(−t)) on a fine grid of t
+    across both switch points (normal/subnormal near 87.34, the smallest subnormal near
+    103.97), within 2 ulps or one subnormal spacing of float64, in rows whose other lanes are
+    all on the fast side (so the vector holding −t decides alone)."""
+    t = torch.linspace(86.5, 104.5, 4001, dtype=torch.float64)
+    z = torch.zeros(t.numel(), 16, dtype=torch.float64)
+    z[:, 1] = -t
+    z[:, 2:] = -1.0
+    z32 = z.float()
+    out = _cpu.softmax(z32).double()
+    ref = torch.softmax(z32.double(), -1)
+    spacing = torch.finfo(torch.float32).tiny * torch.finfo(torch.float32).eps
+    err = (out - ref).abs()
+    assert bool((err <= 2 * torch.finfo(torch.float32).eps * ref + spacing).all())
+    assert bool((out[:, 1] > 0).sum() > 0) and out[-1, 1] == 0.0
+
+
+@needs_cpu_kernel
+def test_softmax_backward_uses_the_forward_argmax():
+    """The eager C path end to end: ``softjac.softmax`` forward + backward against torch's
+    autograd in float64, for rows with ties, masks and a fully masked row (zero gradient)."""
+    g = torch.Generator().manual_seed(5)
+    z = (3.0 * torch.randn(6, 300, generator=g)).float()
+    z[1] = 2.0
+    z[2, ::2] = -math.inf
+    z[3] = -math.inf
+    w = torch.randn(6, 300, generator=g)
+    zr = z.clone().requires_grad_()
+    (softjac.softmax(zr) * w).sum().backward()
+    z64 = z.double().clone()
+    z64[3] = 0.0  # torch would give NaN for the fully masked row; its gradient must be 0
+    z64r = z64.requires_grad_()
+    p64 = torch.softmax(z64r, -1)
+    (p64 * w.double()).sum().backward()
+    ref = z64r.grad.clone()
+    ref[3] = 0.0
+    pd, wa = p64.detach(), w.double().abs()
+    scale = pd * (wa + (pd * wa).sum(-1, keepdim=True))
+    assert bool(((zr.grad.double() - ref).abs() <= 64 * 2**-23 * scale + 1e-37).all())
+    assert torch.equal(zr.grad[3], torch.zeros(300))

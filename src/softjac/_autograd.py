@@ -136,7 +136,8 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 def _eager_twin(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """The same Function in the ctx-style form (``forward(ctx, ...)`` runs ``cls.forward``
-    then ``cls.setup_context``; same ``backward`` and ``jvp``).
+    then ``cls.setup_context``, or is ``cls.eager_forward`` where the class defines one; same
+    ``backward`` and ``jvp``).
 
     ``Function.apply`` of the ``setup_context`` form binds its arguments to ``forward``'s
     signature in Python on every call and costs several times more than the ctx form; the
@@ -149,8 +150,9 @@ def _eager_twin(cls: type[torch.autograd.Function]) -> type[torch.autograd.Funct
         cls.setup_context(ctx, args, out)
         return out
 
+    eager = cls.__dict__.get("eager_forward")
     body = {
-        "forward": staticmethod(forward),
+        "forward": staticmethod(forward) if eager is None else eager,
         "backward": cls.__dict__["backward"],
         "jvp": cls.__dict__["jvp"],
         "__doc__": f"ctx-form twin of :class:`{cls.__name__}` (eager calls, no transform).",
@@ -241,7 +243,10 @@ class SoftmaxLast(torch.autograd.Function):
     """``σ(z) = exp(z − lse(z))`` over the last dim; masked (−inf) entries give 0 and a fully
     masked row gives zeros (and a zero gradient), never NaN. O(K) per row.
 
-    Saves only σ (in the output dtype). Backward and JVP: ``J u`` by :class:`SoftmaxVJP`.
+    Saves σ (in the output dtype). Backward and JVP: ``J u`` by :class:`SoftmaxVJP`. Eager
+    calls (:meth:`eager_forward`) also keep each row's argmax when the C kernel ran (int32 per
+    row), which a plain backward hands to the C VJP kernel: one reduction pass instead of
+    two there.
     """
 
     @staticmethod
@@ -249,6 +254,14 @@ class SoftmaxLast(torch.autograd.Function):
         if _memory(z):
             return dispatch.run_softmax(z, backend)
         return _ops.softmax(z, backend)
+
+    @staticmethod
+    def eager_forward(ctx, z: torch.Tensor, backend: str) -> torch.Tensor:
+        """The ctx-form forward of the eager twin (:func:`_eager_twin`): ``forward`` plus
+        ``setup_context``, keeping the rows' argmax (or None) as ``ctx.argmax``."""
+        out, ctx.argmax = dispatch.run_softmax_argmax(z, backend)
+        SoftmaxLast.setup_context(ctx, (z, backend), out)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -261,7 +274,8 @@ class SoftmaxLast(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         if not torch.is_grad_enabled() and _memory(p, g):
             # plain backward (no create_graph): nothing records this product
-            return dispatch.run_softmax_vjp(p, g, ctx.backend), None
+            argmax = getattr(ctx, "argmax", None)
+            return dispatch.run_softmax_vjp(p, g, ctx.backend, argmax), None
         return vjp_probs(p, g, ctx.backend), None
 
     @staticmethod

@@ -183,6 +183,8 @@ def check_temperature(fn: str, temperature: object, dtype: torch.dtype | None = 
     number: below it ``1/T`` overflows and ``(z − max z)/T`` would turn finite logits into
     ±inf or NaN, so such a T is refused rather than silently giving σ summing to 0.
     """
+    if type(temperature) is float and temperature == 1.0:  # the default: nothing to check
+        return temperature
     t = check_positive(fn, "temperature", temperature)
     if dtype is not None:
         tiny = torch.finfo(dtype).tiny

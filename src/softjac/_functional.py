@@ -56,7 +56,8 @@ def _prepare(
     d = check_logits(fn, logits, dim)
     t = check_temperature(fn, temperature, as_float_dtype(logits.dtype))
     m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
-    z = _core.to_last(logits.to(as_float_dtype(logits.dtype)), d)
+    up = as_float_dtype(logits.dtype)
+    z = _core.to_last(logits if up == logits.dtype else logits.to(up), d)
     if m is not None:
         m = _core.to_last(m, d)
     return _core.masked_scaled_logits(z, m, t), d, t
@@ -121,7 +122,8 @@ def softmax(
     fn = "softjac.softmax"
     dispatch.check_backend(fn, backend)
     z, d, _ = _prepare(fn, logits, dim, mask, temperature)
-    return _core.from_last(_autograd.softmax_last(z, backend).to(logits.dtype), d)
+    p = _autograd.softmax_last(z, backend)
+    return _core.from_last(p if p.dtype == logits.dtype else p.to(logits.dtype), d)
 
 
 def jacobian(

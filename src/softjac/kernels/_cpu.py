@@ -33,6 +33,7 @@ __all__ = [
     "softmax",
     "softmax_jacobian_dense",
     "softmax_vjp",
+    "softmax_vjp_argmax",
     "softmax_vjp_from_logits",
     "softmax_vjp_logits",
     "unavailable_reason",
@@ -41,7 +42,7 @@ __all__ = [
 # Logits dtypes of the cross-entropy kernels (float32 math; float64 stays on torch).
 CE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_ABI = 7
+_ABI = 8
 _SUFFIX = {
     torch.float32: "f32",
     torch.float64: "f64",
@@ -91,7 +92,8 @@ def _load() -> ctypes.CDLL | None:
             signatures[f"softjac_jac_logits_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
             if suffix == "f64":  # float32 math only: float64 stays on torch
                 continue
-            signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_softmax_{suffix}"] = [ptr, ptr, ptr, i64, i64, i64, cint]
+            signatures[f"softjac_vjp_idx_{suffix}"] = [ptr, ptr, ptr, ptr] + [i64] * 5 + [cint]
             signatures[f"softjac_ce_fwd_{suffix}"] = ce_fwd
             signatures[f"softjac_ce_bwd_{suffix}"] = ce_bwd
         # the class-in-the-middle (nb, k, m) cross-entropy kernels, float32
@@ -188,7 +190,7 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads()
     suffix = _SUFFIX[probs.dtype]
     if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
-        out = torch.empty(shape, dtype=probs.dtype)
+        out = torch.empty_like(probs)
         n = probs.numel() // k if k else 0
         if n:
             _fns[f"softjac_vjp_{suffix}"](
@@ -215,21 +217,52 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def softmax(z: torch.Tensor) -> torch.Tensor:
-    """``σ = exp(z − max z) / Σ exp(z − max z)`` over the last dim by the C kernel, float32
-    math for float32/bfloat16/float16 ``z`` (``CE_DTYPES``), rounded once into ``z``'s dtype:
+def softmax(z: torch.Tensor, *, argmax: bool = False):
+    """``σ = exp(z − max z) / Σ exp(z − max z)`` over the last dim by the C kernel, float32 math
+    for float32/bfloat16/float16 ``z`` (``CE_DTYPES``), rounded once into ``z``'s dtype:
     one read of ``z`` from memory, one write; exact to about an ulp down to the smallest
     subnormal. Fully masked rows give zeros, rows with NaN or +inf give NaN (as
-    ``torch.softmax``)."""
+    ``torch.softmax``).
+
+    With ``argmax=True`` returns ``(σ, idx)``: ``idx`` (int32, shape ``z.shape[:-1]``) is each
+    row's first largest logit (so its first largest σ), −1 for a fully masked or NaN row —
+    what :func:`softmax_vjp_argmax` needs: one entry per row, in row order (a flat ``(N,)``
+    tensor). ``idx`` is None when K ≥ 2³¹."""
     _lib_or_raise()
     k = z.shape[-1] if z.dim() else 1
     z2, sz = _rows(z)
-    out = torch.empty(z.shape, dtype=z.dtype)
+    # (empty_like of a contiguous tensor, and integer sizes, cost a fraction of empty(shape))
+    out = torch.empty_like(z) if z.is_contiguous() else torch.empty(z.shape, dtype=z.dtype)
     n = z2.numel() // k if k else 0
+    idx = None
+    if argmax and k < 2**31:
+        idx = torch.empty(n, dtype=torch.int32)
     if n and k:
         _fns[f"softjac_softmax_{_SUFFIX[z.dtype]}"](
-            z2.data_ptr(), out.data_ptr(), n, k, sz, torch.get_num_threads()
-        )
+            z2.data_ptr(), out.data_ptr(), 0 if idx is None else idx.data_ptr(), n, k, sz,
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return (out, idx) if argmax else out
+
+
+def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`softmax_vjp` for σ from :func:`softmax` with ``argmax=True`` (float32, bfloat16
+    or float16) and its ``idx``: the same formula, with i* read instead of searched, so one
+    reduction pass (``s = Σ σ v`` and ``t = Σ σ (v_{i*} − v)`` together) and one output pass
+    (the same values for rows above 64 entries; shorter rows add in another order). ``v``
+    must have σ's dtype and shape."""
+    _lib_or_raise()
+    k = probs.shape[-1] if probs.dim() else 1
+    if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
+        out = torch.empty_like(probs)
+        p2, v2, o2, sp, sv, so, n = probs, v, out, k, k, k, probs.numel() // k if k else 0
+    else:
+        out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
+    if n and k:
+        _fns[f"softjac_vjp_idx_{_SUFFIX[probs.dtype]}"](
+            p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, k, sp, sv, so,
+            torch.get_num_threads(),
+        )  # fmt: skip
     return out
 
 

@@ -103,6 +103,7 @@ __all__ = [
     "resolve_backend",
     "run_jacobian_logits",
     "run_softmax",
+    "run_softmax_argmax",
     "run_softmax_jacobian",
     "run_softmax_vjp",
     "run_softmax_vjp_from_logits",
@@ -373,15 +374,35 @@ def info() -> dict[str, dict[str, dict[str, str]]]:
 def run_softmax(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``σ = exp(z − lse(z))`` over the last dim in ``z``'s dtype; fully masked rows give
     zeros. O(K) per row, one read and one write with the C kernel."""
+    return run_softmax_argmax(z, backend)[0]
+
+
+def run_softmax_argmax(
+    z: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`run_softmax` and, where the C kernel ran, each row's first argmax (int32, −1
+    for rows without one) for :func:`run_softmax_vjp`'s ``argmax`` (else None)."""
     chosen = _resolve("softjac.softmax", backend, z, "softmax")
     if chosen == "cpu" and z.numel() and _has_c_kernel("softmax", z):
-        return _cpu.softmax(z)
-    return _torch.softmax(z)
+        return _cpu.softmax(z, argmax=True)
+    return _torch.softmax(z), None
 
 
-def run_softmax_vjp(probs: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def run_softmax_vjp(
+    probs: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "auto",
+    argmax: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``J v = σ ⊙ (v − ⟨σ, v⟩)`` with ``σ = probs``, the argmax entry without cancellation;
-    O(K) per row. Returns the dtype of ``probs``."""
+    O(K) per row. Returns the dtype of ``probs``. ``argmax``: the rows' argmax from
+    :func:`run_softmax_argmax` for this σ (the C kernel then skips finding it)."""
+    if argmax is not None and type(v) is torch.Tensor and v.is_cpu:
+        # σ came from the C forward, so the product is the C kernel's for it too (the choice
+        # depends only on σ's device and dtype and on v being a plain tensor)
+        return _cpu.softmax_vjp_argmax(
+            probs, v if v.dtype == probs.dtype else v.to(probs.dtype), argmax
+        )
     chosen = _resolve("softjac.vjp_from_probs", backend, probs, "softmax_vjp", v)
     if chosen == "torch" or probs.numel() == 0:
         return _torch.softmax_vjp(probs, v)

@@ -106,6 +106,21 @@ static inline cvf vexp_full(cvf x) {
     const cvf res = (q * (cvf)bits) * factor;
     return (cvf)(((cvi)x & nan) | ((cvi)res & ~under & ~nan));
 }
+/* vexp_full for arguments x <= 0 or -inf, never NaN (z - max z of a row without NaN), with
+ * the same result bit for bit, and about half its work where every lane is at least -87.33
+ * (so that every result is a normal number: n >= -126, no clamp, no second scale, no NaN or
+ * underflow select): such a vector, by far the common one, skips straight to the reduction,
+ * the polynomial and the exponent bits; any other (masked -inf entries, exp in the subnormal
+ * range) takes vexp_full, behind a branch that is almost never taken in unmasked rows. */
+static inline cvf vexp_nonpos(cvf x) {
+    const cvf zero = {0};
+    if (__builtin_expect(cv_any(x < zero - 87.33f), 0)) return vexp_full(x);
+    const cvf magic = zero + 12582912.0f;
+    const cvf n = (x * 1.44269504088896341f + magic) - magic;
+    const cvf q = vexp_reduced(x, n);
+    const cvi bits = (__builtin_convertvector(n, cvi) + 127) << 23;
+    return q * (cvf)bits;
+}
 #endif /* SOFTJAC_VEC */
 
 #endif /* SOFTJAC_EXP_H */

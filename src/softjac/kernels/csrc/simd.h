@@ -196,6 +196,34 @@ static inline cvf cvmax(cvf a, cvf b) {
     const cvi g = a > b;
     return (cvf)(((cvi)a & g) | ((cvi)b & ~g));
 }
+
+/* Whether any lane of the comparison result m is set (one test instruction with AVX). */
+static inline int cv_any(cvi m) {
+#if CVL == 16 && defined(__AVX512F__)
+    return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif CVL == 8 && defined(__AVX__)
+    return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#else
+    int32_t any = 0;
+    for (int l = 0; l < CVL; ++l) any |= m[l];
+    return any != 0;
+#endif
+}
+
+/* The first j < k with x[j] == m, or -1: a compare and a bit scan per vector with AVX. */
+static inline int64_t first_equal(const float *x, int64_t k, float m) {
+    int64_t j = 0;
+#if defined(__AVX__)
+    const vf mm = (vf){0} + m;
+    for (; j + VL <= k; j += VL) {
+        const unsigned bits = (unsigned)_mm256_movemask_ps((__m256)(vf)(vld(x + j) == mm));
+        if (bits) return j + __builtin_ctz(bits);
+    }
+#endif
+    for (; j < k; ++j)
+        if (x[j] == m) return j;
+    return -1;
+}
 #endif /* SOFTJAC_VEC (GCC/clang) */
 
 #endif /* SOFTJAC_SIMD_H */

@@ -3,19 +3,26 @@
 #include "exp.h"
 #include "simd.h"
 
-/* softjac_softmax_<dt>(z, out, n, k, sz, threads): sigma = exp(z - max z) / sum, float32 math
- * for float32/bfloat16/float16 data (out contiguous (n, k)).  Per row: pass 1 the max (the
+/* softjac_softmax_<dt>(z, out, idx, n, k, sz, threads): sigma = exp(z - max z) / sum, float32
+ * math for float32/bfloat16/float16 data (out contiguous (n, k)).  Per row: pass 1 the max (the
  * only read from DRAM), pass 2 e_j = exp(z_j - m) and S = sum e_j (float32 data: e_j stored
  * in out), pass 3 sigma_j = e_j (1 / S) (float32: from out, in cache; half types: exp again,
  * so that sigma is rounded once; a multiply rather than a division: the division's throughput
- * cost 15 % at K = 128, and the extra rounding leaves sigma within about 2 ulps).  exp is exp_full_f32 below, exact to about an ulp down to the
- * smallest subnormal (unlike the flushing exp_f32 of the VJP-from-logits and cross-entropy
- * kernels, whose tiny probabilities only enter sums).  A fully masked row (every z = -inf)
- * gives zeros; a NaN or +inf in a row gives NaNs throughout it, as PyTorch's softmax. */
+ * cost 15 % at K = 128, and the extra rounding leaves sigma within about 2 ulps).  exp is
+ * exp_full_f32 (vexp_nonpos: the same values), exact to about an ulp down to the smallest
+ * subnormal (unlike the flushing exp_f32 of the cross-entropy kernels, whose tiny
+ * probabilities only enter sums).  A fully masked row (every z = -inf) gives zeros; a NaN or
+ * +inf in a row gives NaNs throughout it, as PyTorch's softmax.
+ *
+ * idx (optional, NULL for none; needs k < 2^31): the first index of each row's largest logit,
+ * which is also the first index of its largest probability, or -1 for a fully masked row or a
+ * row with a NaN or +inf.  The VJP's argmax entry needs exactly that index
+ * (softjac_vjp_idx_<dt> in vjp.c), and finding it here costs a search through a row that is
+ * in L1, where the backward would otherwise track it through a whole pass. */
 
 
 #ifdef SOFTJAC_VEC
-static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
+static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int want_idx) {
     const float ninf = -__builtin_inff();
     const cvf zero = {0};
     cvf mv = zero + ninf;
@@ -37,11 +44,11 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
     if (anynan || m == -ninf) { /* a NaN or a +inf: NaN throughout, as torch.softmax */
         const float qnan = __builtin_nanf("");
         for (j = 0; j < k; ++j) out[j] = qnan;
-        return;
+        return -1;
     }
     if (m == ninf) {
         memset(out, 0, (size_t)k * sizeof(float));
-        return;
+        return -1;
     }
     const cvf mm = zero + m;
     const int64_t kv = k - k % CVL; /* whole vectors end here; the masked rest follows */
@@ -53,12 +60,12 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
         const int64_t e = b + BLK < k ? b + BLK : k;
         cvf sv = zero;
         for (; j + CVL <= e; j += CVL) {
-            const cvf ex = vexp_full(cvld(z + j) - mm);
+            const cvf ex = vexp_nonpos(cvld(z + j) - mm);
             cvst(out + j, ex);
             sv += ex;
         }
         if (j < e) { /* -inf lanes give exp = 0 */
-            ex_rest = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            ex_rest = vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm);
             sv += ex_rest;
             j = e;
         }
@@ -68,10 +75,14 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
     const cvf rss = zero + rs;
     for (j = 0; j < kv; j += CVL) cvst(out + j, cvld(out + j) * rss);
     if (kv < k) cvst_part(out + kv, ex_rest * rss, k - kv);
+    return want_idx ? (int32_t)first_equal(z, k, m) : -1;
 }
 #define SOFTMAX_FAST_f32                                                                          \
-    softmax_row_f32_vec(zr, orow, k);                                                             \
-    continue;
+    {                                                                                             \
+        const int32_t i_ = softmax_row_f32_vec(zr, orow, k, idx != 0);                            \
+        if (idx) idx[i] = i_;                                                                     \
+        continue;                                                                                 \
+    }
 #else
 #define SOFTMAX_FAST_f32
 #endif
@@ -79,8 +90,8 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
 #define SOFTMAX_FAST_f16
 
 #define DEFINE_SOFTMAX(SUFFIX, T, LOAD, STORE)                                                    \
-    int softjac_softmax_##SUFFIX(const T *z, T *out, int64_t n, int64_t k, int64_t sz,          \
-                                 int nthreads) {                                                  \
+    int softjac_softmax_##SUFFIX(const T *z, T *out, int32_t *idx, int64_t n, int64_t k,        \
+                                 int64_t sz, int nthreads) {                                      \
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         advise_huge(out, n * k * (int64_t)sizeof(T));                                             \
         const int64_t chunk = rows_per_task(k);                                                   \
@@ -97,6 +108,7 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
                 m = x > m ? x : m;                                                                \
                 nan |= x != x;                                                                    \
             }                                                                                     \
+            if (idx) idx[i] = -1;                                                                 \
             if (nan || m == __builtin_inff()) {                                                   \
                 for (int64_t j = 0; j < k; ++j) STORE(orow + j, __builtin_nanf(""));              \
                 continue;                                                                         \
@@ -104,6 +116,11 @@ static void softmax_row_f32_vec(const float *z, float *out, int64_t k) {
             if (m == -__builtin_inff()) {                                                         \
                 for (int64_t j = 0; j < k; ++j) STORE(orow + j, 0.0f);                            \
                 continue;                                                                         \
+            }                                                                                     \
+            if (idx) {                                                                            \
+                int64_t i_ = 0;                                                                   \
+                while (LOAD(zr + i_) != m) ++i_;                                                  \
+                idx[i] = (int32_t)i_;                                                             \
             }                                                                                     \
             double s_acc = 0;                                                                     \
             for (int64_t b = 0; b < k; b += BLK) {                                                \

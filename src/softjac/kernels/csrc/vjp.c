@@ -395,13 +395,117 @@ DEFINE_VJP(f32, float, float, LOAD_F32, STORE_F32, exp_f32)
 DEFINE_VJP(f64, double, double, LOAD_F64, STORE_F64, exp_f64)
 DEFINE_VJP(bf16, bf16_t, float, LOAD_BF16, STORE_BF16, exp_f32)
 DEFINE_VJP(f16, f16_t, float, LOAD_F16, STORE_F16, exp_f32)
+/* softjac_vjp_idx_<dt>(p, v, idx, out, n, k, row strides of p, v, out, threads): J v from
+ * probabilities whose rows' first argmax is known (idx[i], from softjac_softmax_<dt>; -1 for a
+ * row without one: fully masked, whose product is 0, or NaN).  With i* given, the two sums
+ * s = sum_j p_j v_j and t = sum_j p_j (v_{i*} - v_j) need one pass together, and the second
+ * pass only writes out_j = p_j (v_j - s), then out_{i*} = p_{i*} t: the pass count of PyTorch's
+ * backward, and the same values as softjac_vjp_<dt> (same blocked sums, same formula) without
+ * its argmax tracking, which cost as much as the rest of the row at K <= 512 (measured with
+ * rows in cache, 1 thread: 111 against 199 us at 4096 x 128; PyTorch's native 107).  Rows of
+ * STREAM_MIN_K or more take softjac_vjp's row (streaming stores; the tracking is noise there). */
+#define VJP_IDX_ROW_BODY(ACC, LOAD, STORE)                                                        \
+    const ACC vs = istar >= 0 ? LOAD(v + istar) : (ACC)0;                                         \
+    double s_acc = 0, t_acc = 0;                                                                  \
+    for (int64_t b = 0; b < k; b += BLK) {                                                        \
+        const int64_t e = b + BLK < k ? b + BLK : k;                                              \
+        ACC sb = 0, tb = 0;                                                                       \
+        _Pragma("omp simd reduction(+ : sb, tb)")                                                 \
+        for (int64_t j = b; j < e; ++j) {                                                         \
+            const ACC pj = LOAD(p + j), vj = LOAD(v + j);                                         \
+            sb += pj * vj;                                                                        \
+            tb += pj * (vs - vj);                                                                 \
+        }                                                                                         \
+        s_acc += (double)sb;                                                                      \
+        t_acc += (double)tb;                                                                      \
+    }                                                                                             \
+    const ACC s = (ACC)s_acc;                                                                     \
+    _Pragma("omp simd")                                                                           \
+    for (int64_t j = 0; j < k; ++j) STORE(out + j, LOAD(p + j) * (LOAD(v + j) - s));              \
+    if (istar >= 0) STORE(out + istar, LOAD(p + istar) * (ACC)t_acc);
+
+#ifdef SOFTJAC_VEC
+static void vjp_idx_row_f32_vec(const float *p, const float *v, float *out, int64_t k,
+                                int64_t istar) {
+    if (k >= STREAM_MIN_K) {
+        vjp_row_f32_vec(p, v, out, k);
+        return;
+    }
+    const vf zero = {0};
+    const float vs = istar >= 0 ? v[istar] : 0.0f;
+    const vf vss = zero + vs;
+    double s_acc = 0, t_acc = 0;
+    int64_t j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        vf s0 = zero, s1 = zero, t0 = zero, t1 = zero;
+        for (; j + 2 * VL <= e; j += 2 * VL) {
+            __builtin_prefetch(p + j + 512); /* as in vjp_row_f32_body */
+            __builtin_prefetch(v + j + 512);
+            const vf p0 = vld(p + j), v0 = vld(v + j), p1 = vld(p + j + VL), v1 = vld(v + j + VL);
+            s0 += p0 * v0;
+            s1 += p1 * v1;
+            t0 += p0 * (vss - v0);
+            t1 += p1 * (vss - v1);
+        }
+        if (j + VL <= e) {
+            const vf p0 = vld(p + j), v0 = vld(v + j);
+            s0 += p0 * v0;
+            t0 += p0 * (vss - v0);
+            j += VL;
+        }
+        float sb = hsum(s0 + s1), tb = hsum(t0 + t1);
+        for (; j < e; ++j) {
+            sb += p[j] * v[j];
+            tb += p[j] * (vs - v[j]);
+        }
+        s_acc += (double)sb;
+        t_acc += (double)tb;
+    }
+    const float s = (float)s_acc;
+    const vf ss = zero + s;
+    for (j = 0; j + VL <= k; j += VL) vst(out + j, vld(p + j) * (vld(v + j) - ss));
+    for (; j < k; ++j) out[j] = p[j] * (v[j] - s);
+    if (istar >= 0) out[istar] = p[istar] * (float)t_acc;
+}
+#endif
+
+#define DEFINE_VJP_IDX(SUFFIX, T, ACC, LOAD, STORE)                                               \
+    static __attribute__((unused)) void vjp_idx_row_##SUFFIX(const T *p, const T *v, T *out,  \
+                                                             int64_t k, int64_t istar) {         \
+        VJP_IDX_ROW_BODY(ACC, LOAD, STORE)                                                        \
+    }                                                                                             \
+    int softjac_vjp_idx_##SUFFIX(const T *p, const T *v, const int32_t *idx, T *out, int64_t n,  \
+                                 int64_t k, int64_t sp, int64_t sv, int64_t so, int nthreads) {  \
+        nthreads = clamp_threads(nthreads, n, k);                                                 \
+        if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
+        const int64_t chunk = rows_per_task(k);                                                   \
+        SJ_PARALLEL_ROWS                                                                          \
+        for (int64_t i = 0; i < n; ++i)                                                           \
+            VJP_IDX_ROW_FN(SUFFIX)(p + i * sp, v + i * sv, out + i * so, k, idx[i]);              \
+        return 0;                                                                                 \
+    }
+
+#define VJP_IDX_ROW_FN(SUFFIX) vjp_idx_row_fast_##SUFFIX
+#ifdef SOFTJAC_VEC
+#define vjp_idx_row_fast_f32 vjp_idx_row_f32_vec
+#else
+#define vjp_idx_row_fast_f32 vjp_idx_row_f32
+#endif
+#define vjp_idx_row_fast_bf16 vjp_idx_row_bf16
+#define vjp_idx_row_fast_f16 vjp_idx_row_f16
+
+DEFINE_VJP_IDX(f32, float, float, LOAD_F32, STORE_F32)
+DEFINE_VJP_IDX(bf16, bf16_t, float, LOAD_BF16, STORE_BF16)
+DEFINE_VJP_IDX(f16, f16_t, float, LOAD_F16, STORE_F16)
+
 DEFINE_VJP_INNER(f32, float, float, LOAD_F32, STORE_F32)
 DEFINE_VJP_INNER(f64, double, double, LOAD_F64, STORE_F64)
 DEFINE_VJP_INNER(bf16, bf16_t, float, LOAD_BF16, STORE_BF16)
 DEFINE_VJP_INNER(f16, f16_t, float, LOAD_F16, STORE_F16)
 
 /* ABI version, checked by the loader. */
-int softjac_cpu_abi(void) { return 7; }
+int softjac_cpu_abi(void) { return 8; }
 
 /* softjac_vjp_exact_<dt>(z, v, out, n, k, row strides of z, v, out, threads): J v straight
  * from logits, with sigma never rounded (the formula of softjac._core.vjp_logits_last):
@@ -588,13 +692,13 @@ static int vjp_exact_row_f32_vec(const float *z, const float *v, float *out, int
         cvi jv = lane + (int32_t)b;
         cvf rs = zero, as = zero;
         for (j = b; j + CVL <= e; j += CVL, jv += CVL) {
-            const cvf ex = vexp_full(cvld(z + j) - mm), vj = cvld(v + j);
+            const cvf ex = vexp_nonpos(cvld(z + j) - mm), vj = cvld(v + j);
             as += ex * vj;
             rs += (cvf)((cvi)ex & ~(jv == is));
             vmx = cvmax(cvabs(vj), vmx);
         }
         if (j < e) { /* filled lanes: exp(-inf) = 0 and v = 0 add nothing */
-            const cvf ex = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            const cvf ex = vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm);
             const cvf vj = cvld_part(v + j, e - j, 0.0f);
             as += ex * vj;
             rs += (cvf)((cvi)ex & ~(jv == is));
@@ -628,13 +732,13 @@ static int vjp_exact_row_f32_vec(const float *z, const float *v, float *out, int
         const int64_t e = b + BLK < k ? b + BLK : k;
         cvf qs = zero;
         for (; j + CVL <= e; j += CVL) {
-            const cvf ex = vexp_full(cvld(z + j) - mm), vj = cvld(v + j);
+            const cvf ex = vexp_nonpos(cvld(z + j) - mm), vj = cvld(v + j);
             const cvf y = ex * (vj * sv - av);
             cvst(out + j, y * cv - y * kv);
             qs += ex * (vsv - vj);
         }
         if (j < e) {
-            const cvf ex = vexp_full(cvld_part(z + j, e - j, ninf) - mm);
+            const cvf ex = vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm);
             const cvf vj = cvld_part(v + j, e - j, 0.0f);
             const cvf y = ex * (vj * sv - av);
             cvst_part(out + j, y * cv - y * kv, e - j);
@@ -647,8 +751,108 @@ static int vjp_exact_row_f32_vec(const float *z, const float *v, float *out, int
     out[istar] = q * c2 - q * kk;
     return 0;
 }
+/* Rows of at most EXACT_STORED_K floats (z, v and out together within L2), float32: the same
+ * formulas with the max taken first over the whole row (no online rescaling), and e_j stored
+ * in `out` by the sum pass, so that the output pass reads it back instead of computing the
+ * exponential again: one exp per entry instead of two (PyTorch's softmax followed by its
+ * backward also computes one).  Passes: the max and NaN check (z from memory), i* by a search
+ * (in L1), e_j, r and A (z and v; e_j into out), the output and the argmax's sum (out and v
+ * from cache).  The e_j are exactly those of the general row (exp of the same arguments), r
+ * leaves out e_{i*} = 1 by masking the one vector that holds i*.  Returns 1, having written
+ * nothing that matters, when the row needs the scaled slow path (or holds a NaN in v). */
+#define EXACT_STORED_K 4096
+static int vjp_exact_row_f32_stored(const float *z, const float *v, float *out, int64_t k) {
+    const float ninf = -__builtin_inff();
+    const cvf zero = {0};
+    cvi lane;
+    for (int l = 0; l < CVL; ++l) lane[l] = l;
+    cvf mv0 = zero + ninf, mv1 = mv0;
+    cvi nanv = lane * 0;
+    int64_t j = 0;
+    for (; j + 2 * CVL <= k; j += 2 * CVL) {
+        const cvf x0 = cvld(z + j), x1 = cvld(z + j + CVL);
+        mv0 = cvmax(x0, mv0);
+        mv1 = cvmax(x1, mv1);
+        nanv |= (x0 != x0) | (x1 != x1);
+    }
+    for (; j < k; j += CVL) {
+        const cvf x = k - j >= CVL ? cvld(z + j) : cvld_part(z + j, k - j, ninf);
+        mv0 = cvmax(x, mv0);
+        nanv |= x != x;
+    }
+    const float m = chmax(cvmax(mv0, mv1));
+    if (cv_any(nanv) || m == -ninf) {
+        const float qnan = __builtin_nanf("");
+        for (j = 0; j < k; ++j) out[j] = qnan;
+        return 0;
+    }
+    if (m == ninf) {
+        memset(out, 0, (size_t)k * sizeof(float));
+        return 0;
+    }
+    const int64_t istar = first_equal(z, k, m);
+    const int64_t ivec = istar - istar % CVL; /* the vector that holds i* */
+    const cvi notstar = lane != (lane * 0 + (int32_t)(istar - ivec));
+    const cvf mm = zero + m;
+    double r_acc = 0, a_acc = 0;
+    cvf vmx = zero;
+    j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf rs = zero, as = zero;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf ex = vexp_nonpos(cvld(z + j) - mm), vj = cvld(v + j);
+            cvst(out + j, ex);
+            as += ex * vj;
+            rs += j == ivec ? (cvf)((cvi)ex & notstar) : ex;
+            vmx = cvmax(cvabs(vj), vmx);
+        }
+        if (j < e) { /* filled lanes: exp(-inf) = 0 and v = 0 add nothing */
+            const cvf ex = vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm);
+            const cvf vj = cvld_part(v + j, e - j, 0.0f);
+            cvst_part(out + j, ex, e - j);
+            as += ex * vj;
+            rs += j == ivec ? (cvf)((cvi)ex & notstar) : ex;
+            vmx = cvmax(cvabs(vj), vmx);
+            j = e;
+        }
+        r_acc += (double)chsum(rs);
+        a_acc += (double)chsum(as);
+    }
+    const float vmax = chmax(vmx);
+    if (EXACT_SCALE_NEEDED(float, vmax, k) || a_acc - a_acc != 0) return 1;
+    const float r = (float)r_acc, s = 1 + r, a = (float)a_acc, vs = v[istar];
+    const int small = r <= 1;
+    const float kk = small ? r * (2 + r) / (s * s) : 0.0f;
+    const float c2 = small ? 1.0f : 1.0f / (s * s);
+    const cvf sv = zero + s, av = zero + a, vsv = zero + vs, kv = zero + kk, cv = zero + c2;
+    double q_acc = 0;
+    j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf qs = zero;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf ex = cvld(out + j), vj = cvld(v + j);
+            const cvf y = ex * (vj * sv - av);
+            cvst(out + j, y * cv - y * kv);
+            qs += ex * (vsv - vj);
+        }
+        if (j < e) {
+            const cvf ex = cvld_part(out + j, e - j, 0.0f), vj = cvld_part(v + j, e - j, 0.0f);
+            const cvf y = ex * (vj * sv - av);
+            cvst_part(out + j, y * cv - y * kv, e - j);
+            qs += ex * (vsv - vj);
+            j = e;
+        }
+        q_acc += (double)chsum(qs);
+    }
+    const float q = (float)q_acc;
+    out[istar] = q * c2 - q * kk;
+    return 0;
+}
 #define VJP_EXACT_ROW_f32(z, v, out, k)                                                           \
-    if ((k) >= ((int64_t)1 << 31) || vjp_exact_row_f32_vec(z, v, out, k))                         \
+    if ((k) <= EXACT_STORED_K ? vjp_exact_row_f32_stored(z, v, out, k)                            \
+                              : ((k) >= ((int64_t)1 << 31) || vjp_exact_row_f32_vec(z, v, out, k))) \
         vjp_exact_row_generic_f32(z, v, out, k);
 #else
 #define VJP_EXACT_ROW_f32(z, v, out, k) vjp_exact_row_generic_f32(z, v, out, k);
