@@ -23,10 +23,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 cat "$out/env.txt"
 python3 setup.py -q build_ext --inplace >"$out/build.txt" 2>&1 || echo "C kernels not built (see build.txt)"
 if python3 -c 'import pytest, hypothesis' 2>/dev/null; then
-    # every Triton kernel on CUDA, then the registered ops (Triton inside) under torch.compile
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
+    # every Triton kernel on CUDA, then the registered ops under torch.compile, then the
+    # Triton ops (triton_op) through AOTAutograd and Inductor (tests/test_triton_ops.py)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py \
         tests/test_ops.py tests/test_cross_entropy_ops.py tests/test_compile.py \
-        >"$out/pytest_gpu.txt" 2>&1
+        tests/test_triton_ops.py >"$out/pytest_gpu.txt" 2>&1
     echo "pytest (Triton kernels and ops on CUDA): exit $? ($(tail -n 1 "$out/pytest_gpu.txt"))"
 else
     echo "pytest or hypothesis missing: GPU tests skipped" | tee "$out/pytest_gpu.txt"

@@ -13,7 +13,9 @@ Three ways to the same kernels (``softjac.kernels.dispatch`` decides which kerne
   the ``dispatch.run_*`` call directly, with no autograd bookkeeping;
 * ``torch.compile`` tracing: the registered ops ``torch.ops.softjac.*``
   (``softjac.kernels._ops``: fake implementations, registered autograd), which stay nodes of
-  the graph — Dynamo cannot trace a Function that defines ``jvp``;
+  the graph — Dynamo cannot trace a Function that defines ``jvp``; where ``dispatch`` resolves
+  the backend to Triton, their ``triton_op`` twins, whose launches the compiler sees
+  (``softjac.kernels._ops.call``);
 * otherwise: the Functions below, whose ``forward`` calls the same ``run_*`` function.
 
 The entry points are :func:`softmax_last`, :func:`vjp_probs`, :func:`vjp_logits` and
@@ -384,7 +386,7 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable ``σ = softmax(z)`` over the last dim (``backend`` already checked): the
     kernel directly, the registered op under ``torch.compile``, else :class:`SoftmaxLast`."""
     if _compiling():
-        return _ops.softmax(z, backend)
+        return _ops.call("softmax", backend, z)
     if _plain(z):
         return dispatch.run_softmax(z, backend)
     return _apply(SoftmaxLast, z, backend)
@@ -393,7 +395,7 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 def vjp_probs(p: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable ``J(σ) v`` with ``σ = p`` (last dim), in ``p``'s dtype."""
     if _compiling():
-        return _ops.softmax_vjp(p, v.to(p.dtype), backend)
+        return _ops.call("softmax_vjp", backend, p, v.to(p.dtype))
     if _plain(p, v):
         return dispatch.run_softmax_vjp(p, v, backend)
     return _apply(SoftmaxVJP, p, v, backend)
@@ -404,7 +406,7 @@ def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch
     if v.dtype != z.dtype:
         v = v.to(z.dtype)
     if _compiling():
-        return _ops.softmax_vjp_logits(z, v, backend)
+        return _ops.call("softmax_vjp_logits", backend, z, v)
     if _plain(z, v):
         return dispatch.run_softmax_vjp_logits(z, v, backend)
     return _apply(VJPLogits, z, v, backend)
@@ -413,7 +415,7 @@ def vjp_logits(z: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch
 def jacobian_logits(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Differentiable exact dense ``diag(σ) − σσᵀ`` from logits (last dim), in ``z``'s dtype."""
     if _compiling():
-        return _ops.jacobian_logits(z, backend)
+        return _ops.call("jacobian_logits", backend, z)
     if _plain(z):
         return dispatch.run_jacobian_logits(z, backend)
     return _apply(JacobianLogits, z, backend)
@@ -660,11 +662,11 @@ def cross_entropy_rows(
 
 def _apply_ce_backward(*args):
     if _compiling():
-        return _ce_ops.cross_entropy_backward(*args)
+        return _ops.call("cross_entropy_backward", args[-1], *args[:-1])
     return _apply(CrossEntropyBackward, *args)
 
 
 def _apply_ce_rows(*args):
     if _compiling():
-        return _ce_ops.cross_entropy_forward(*args)
+        return _ops.call("cross_entropy_forward", args[-1], *args[:-1])
     return _apply(CrossEntropyRows, *args)

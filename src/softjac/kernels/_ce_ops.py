@@ -31,7 +31,7 @@ from softjac import _core
 from softjac._checks import as_float_dtype
 from softjac.kernels import _ops, dispatch
 
-__all__ = ["cross_entropy_backward", "cross_entropy_forward"]
+__all__ = ["cross_entropy_backward", "cross_entropy_forward", "second_order"]
 
 
 def _stats_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -98,21 +98,36 @@ def _backward_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, grad_rows, target, weight)
 
 
-def _backward_backward(ctx, gG):
+def second_order(ctx, gG, softmax, softmax_vjp):
+    """The gradients of ``⟨gG, cross_entropy_backward(logits, grad_rows, …)⟩`` with respect
+    to ``logits`` and ``grad_rows`` (``ctx`` holds what :func:`_backward_setup` saves), with
+    ``softmax(z)`` and ``softmax_vjp(σ, v)`` the ops that compute them (these or their Triton
+    twins in ``softjac.kernels._triton_ops``)."""
     logits, grad_rows, target, weight = ctx.saved_tensors
-    ignore_index, eps, backend = ctx.opts
+    ignore_index, eps, _ = ctx.opts
     cd = as_float_dtype(logits.dtype)
-    p = _ops.softmax(_ce_rows(logits).to(cd), backend)
+    p = softmax(_ce_rows(logits).to(cd))
     gc = _ce_rows(gG).to(cd)
     gz = gg = None
     if ctx.needs_input_grad[0]:
         k = p.shape[-1]
         valid, *_, a = _core.ce_terms(target, weight, ignore_index, eps, k, p.device, p.dtype)
         scale = torch.where(valid, grad_rows.to(p.dtype) * a, torch.zeros_like(a))
-        gz = _ce_unrows((_ops.softmax_vjp(p, gc, backend) * scale.unsqueeze(-1)).to(logits.dtype))
+        gz = _ce_unrows((softmax_vjp(p, gc) * scale.unsqueeze(-1)).to(logits.dtype))
     if ctx.needs_input_grad[1]:
         g1 = _core.ce_grad_from_probs(p, target, weight, ignore_index, eps)
         gg = (gc * g1).sum(-1).to(grad_rows.dtype)
+    return gz, gg
+
+
+def _backward_backward(ctx, gG):
+    backend = ctx.opts[2]
+    gz, gg = second_order(
+        ctx,
+        gG,
+        lambda z: _ops.softmax(z, backend),
+        lambda p, v: _ops.softmax_vjp(p, v, backend),
+    )
     return gz, gg, None, None, None, None, None, None, None
 
 

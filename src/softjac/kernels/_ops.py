@@ -31,9 +31,15 @@ Ops (class dim last, any leading shape; ``backend`` is ``"auto" | "torch" | "tri
   logits; ``∂/∂z: G ↦ J (diag(G) − (G + Gᵀ) σ)``.
 
 Other kernel families register their ops with :func:`register` and the vmap helpers below.
+
+Under ``torch.compile`` the Python layers call the ops through :func:`call`, which records the
+``triton_op`` twin ``torch.ops.softjac.<name>_triton`` (``softjac.kernels._triton_ops``)
+instead where ``dispatch`` resolves the backend to Triton for the traced tensors, so that the
+compiler sees the kernel launches; everywhere else it is the op above.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -42,11 +48,13 @@ from softjac.kernels import dispatch
 
 __all__ = [
     "NAMESPACE",
+    "call",
     "fake_like",
     "probs_partial",
     "probs_tangent",
     "jacobian_logits",
     "register",
+    "registered",
     "same_layout",
     "softmax",
     "softmax_jacobian",
@@ -87,7 +95,65 @@ def register(
         op.register_autograd(backward, setup_context=setup_context)
     if vmap is not None:
         op.register_vmap(vmap)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+    overload = _REGISTERED[name] = getattr(getattr(torch.ops, NAMESPACE), name).default
+    return overload
+
+
+_REGISTERED: dict[str, torch.library.OpOverload] = {}
+
+
+def registered(name: str) -> torch.library.OpOverload:
+    """The op ``torch.ops.softjac.<name>`` registered by :func:`register`."""
+    return _REGISTERED[name]
+
+
+# The ops with a Triton twin (softjac.kernels._triton_ops): the public function named in
+# errors and the dispatch op whose kernel decides. softmax has no Triton kernel of its own:
+# its twin is PyTorch's forward with the Triton VJP as backward, so the VJP decides.
+_TRITON_TWINS = {
+    "softmax": ("softjac.softmax", "softmax_vjp"),
+    "softmax_vjp": ("softjac.vjp_from_probs", "softmax_vjp"),
+    "softmax_vjp_logits": ("softjac.vjp", "softmax_vjp_logits"),
+    "softmax_jacobian": ("softjac.jacobian", "softmax_jacobian"),
+    "jacobian_logits": ("softjac.jacobian", "jacobian_logits"),
+    "cross_entropy_forward": ("softjac.cross_entropy", "cross_entropy_forward"),
+    "cross_entropy_backward": ("softjac.cross_entropy", "cross_entropy_backward"),
+}
+
+
+# torch.library.triton_op and wrap_triton exist from torch 2.6; with 2.5 the Triton kernels
+# stay inside the custom ops in a compiled graph.
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def _traced_triton(name: str, backend: str, x: torch.Tensor) -> bool:
+    """Whether ``dispatch`` resolves ``backend`` to ``"triton"`` for op ``name`` on ``x`` as a
+    trace sees it. An explicit backend that cannot run is left to the op, which raises when
+    it runs, as it does outside the compiler."""
+    if backend not in ("auto", "triton") or name not in _TRITON_TWINS or not _HAS_TRITON_OP:
+        return False
+    if backend == "auto" and x.device.type != "cuda":
+        # "auto" chooses Triton for CUDA tensors only; its CPU checks (loading the C
+        # kernels) are not for Dynamo to trace, and CPU tensors keep their ops
+        return False
+    fn, op = _TRITON_TWINS[name]
+    try:
+        return dispatch._resolve(fn, backend, x, op, traced=True) == "triton"
+    except RuntimeError:
+        return False
+
+
+def call(name: str, backend: str, *args: Any) -> Any:
+    """``torch.ops.softjac.<name>(*args, backend)``; while ``torch.compile`` traces and
+    ``dispatch`` resolves ``backend`` to ``"triton"`` for the first tensor (device, dtype and
+    shape of the fake tensor), its ``triton_op`` twin ``torch.ops.softjac.<name>_triton(*args)``
+    instead, whose kernel launches the compiler sees (``softjac.kernels._triton_ops``).
+    Outside ``torch.compile`` this is the registered op, at the cost of one Python call."""
+    if torch.compiler.is_compiling() and _traced_triton(name, backend, args[0]):
+        from softjac.kernels import _triton_ops
+
+        return getattr(_triton_ops, name)(*args)
+    return _REGISTERED[name](*args, backend)
 
 
 def same_layout(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

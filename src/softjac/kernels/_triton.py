@@ -25,9 +25,19 @@ split-row structure (two reads of the data at most).
 
 ``from_logits`` variants of the VJP from σ recompute ``σ = exp(z − lse)`` on the fly (fully masked rows: ``z`` all
 −inf and ``lse`` anything give σ = 0).
+
+Launches: every launcher takes ``launch``, applied to each kernel before ``[grid](...)``:
+:func:`direct` (the kernel itself) for eager calls, ``torch.library.wrap_triton`` in the bodies
+of the registered Triton ops (``softjac.kernels._triton_ops``), where a trace records each
+launch. Grids are tuples, the configuration is ``tl.constexpr`` keywords and ``num_warps``
+(no autotuning, no heuristics); outputs and workspaces are fresh tensors passed as they are.
+The ``tl.constexpr`` values come from ``int(K)``: a trace with a symbolic class dim
+specializes on it (each K its own kernels, as in eager mode).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -35,9 +45,13 @@ import triton.language as tl
 
 from softjac.kernels._torch import split_lse
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = [
     "cross_entropy_backward",
     "cross_entropy_forward",
+    "direct",
     "softmax_jacobian_dense",
     "softmax_vjp",
     "softmax_vjp_logits",
@@ -50,9 +64,16 @@ SPLIT_CHUNK = 4096
 CE_BLOCK = 4096
 
 
+def direct(kernel):
+    """The launch of eager calls: the kernel itself (``kernel[grid](...)`` runs it at once).
+    The registered Triton ops (``softjac.kernels._triton_ops``) pass
+    ``torch.library.wrap_triton`` instead, so that tracing records each launch."""
+    return kernel
+
+
 def vjp_block_size(k: int) -> int:
     """The ``BLOCK`` the one-row VJP kernel uses for ``K`` columns: ``next_pow2(K)``, ≥ 16."""
-    return max(MIN_BLOCK, triton.next_power_of_2(max(k, 1)))
+    return max(MIN_BLOCK, triton.next_power_of_2(max(int(k), 1)))
 
 
 def _num_warps(block: int) -> int:
@@ -159,11 +180,12 @@ def _row_stride(x2: torch.Tensor) -> int:
     return x2.stride(0) if x2.shape[0] > 1 else x2.shape[1]
 
 
-def _pair_rows(x: torch.Tensor, v: torch.Tensor, out: torch.Tensor):
-    """``(x2, v2, o2), (sx, sv, so)``: row views of the two inputs and of the (non-empty,
-    contiguous) output, and their row strides."""
-    x2, v2, o2 = _as_rows(x), _as_rows(v), out.view(-1, x.shape[-1])
-    return (x2, v2, o2), (_row_stride(x2), _row_stride(v2), _row_stride(o2))
+def _pair_rows(x: torch.Tensor, v: torch.Tensor):
+    """``(x2, v2), (sx, sv)``: row views of the two inputs and their row strides. (The outputs
+    are allocated contiguous, row stride ``K``, and handed to the kernels as they are: a
+    traced launch must write into the tensor it returns, not into a view of it.)"""
+    x2, v2 = _as_rows(x), _as_rows(v)
+    return (x2, v2), (_row_stride(x2), _row_stride(v2))
 
 
 def softmax_vjp(
@@ -173,6 +195,7 @@ def softmax_vjp(
     lse: torch.Tensor | None = None,
     split_threshold: int = SPLIT_THRESHOLD,
     split_chunk: int = SPLIT_CHUNK,
+    launch: Callable = direct,
 ) -> torch.Tensor:
     """``J v`` over the last dim; with ``lse`` given, ``probs`` holds logits and
     ``σ = exp(z − lse)``. Output in the dtype of ``probs``. O(K) per row."""
@@ -181,35 +204,36 @@ def softmax_vjp(
     out = torch.empty(shape, dtype=probs.dtype, device=probs.device)
     if out.numel() == 0:
         return out
-    (p2, v2, o2), (sp, sv, so) = _pair_rows(probs, v, out)
+    (p2, v2), (sp, sv) = _pair_rows(probs, v)
+    o2, so = out, k
     n = p2.shape[0]
     from_logits = lse is not None
     lse1 = lse.reshape(-1).float().contiguous() if lse is not None else p2  # dummy if unused
     if k <= split_threshold:
         block = vjp_block_size(k)
-        _vjp_row_kernel[(n,)](
+        launch(_vjp_row_kernel)[(n,)](
             p2, v2, o2, lse1, k, sp, sv, so,
             BLOCK=block, FROM_LOGITS=from_logits, num_warps=_num_warps(block),
         )  # fmt: skip
         return out
     chunk = triton.next_power_of_2(split_chunk)
     n_chunks = triton.cdiv(k, chunk)
-    nc_block = max(2, triton.next_power_of_2(n_chunks))
+    nc_block = max(2, triton.next_power_of_2(int(n_chunks)))
     dev = probs.device
     ws_s = torch.empty((n, n_chunks), dtype=torch.float32, device=dev)
     ws_m = torch.empty_like(ws_s)
     ws_t = torch.empty_like(ws_s)
     ws_i = torch.empty((n, n_chunks), dtype=torch.int32, device=dev)
     warps = _num_warps(chunk)
-    _vjp_split_partials_kernel[(n, n_chunks)](
+    launch(_vjp_split_partials_kernel)[(n, n_chunks)](
         p2, v2, lse1, ws_s, ws_m, ws_i, k, sp, sv, n_chunks,
         CHUNK=chunk, FROM_LOGITS=from_logits, num_warps=warps,
     )  # fmt: skip
-    _vjp_split_write_kernel[(n, n_chunks)](
+    launch(_vjp_split_write_kernel)[(n, n_chunks)](
         p2, v2, o2, lse1, ws_s, ws_m, ws_i, ws_t, k, sp, sv, so, n_chunks,
         CHUNK=chunk, NC_BLOCK=nc_block, FROM_LOGITS=from_logits, num_warps=warps,
     )  # fmt: skip
-    _vjp_split_fix_kernel[(n,)](
+    launch(_vjp_split_fix_kernel)[(n,)](
         o2, ws_s, ws_m, ws_i, ws_t, k, so, n_chunks, NC_BLOCK=nc_block, num_warps=1
     )
     return out
@@ -339,6 +363,7 @@ def softmax_vjp_logits(
     *,
     split_threshold: int = SPLIT_THRESHOLD,
     split_chunk: int = SPLIT_CHUNK,
+    launch: Callable = direct,
 ) -> torch.Tensor:
     """``J(σ(z)) v`` over the last dim exactly from logits (σ never rounded on its own; the
     formula of ``softjac._core.vjp_logits_last``), float32 math, output in ``z``'s dtype.
@@ -351,29 +376,32 @@ def softmax_vjp_logits(
     out = torch.empty(shape, dtype=z.dtype, device=z.device)
     if out.numel() == 0:
         return out
-    (z2, v2, o2), (sz, sv, so) = _pair_rows(z, v, out)
+    (z2, v2), (sz, sv) = _pair_rows(z, v)
+    o2, so = out, k
     n = z2.shape[0]
     if k <= split_threshold:
         block = vjp_block_size(k)
-        _exact_row_kernel[(n,)](z2, v2, o2, k, sz, sv, so, BLOCK=block, num_warps=_num_warps(block))
+        launch(_exact_row_kernel)[(n,)](
+            z2, v2, o2, k, sz, sv, so, BLOCK=block, num_warps=_num_warps(block)
+        )
         return out
     chunk = triton.next_power_of_2(split_chunk)
     n_chunks = triton.cdiv(k, chunk)
-    nc_block = max(2, triton.next_power_of_2(n_chunks))
+    nc_block = max(2, triton.next_power_of_2(int(n_chunks)))
     dev = z.device
     ws_m = torch.empty((n, n_chunks), dtype=torch.float32, device=dev)
     ws_r, ws_w, ws_q = torch.empty_like(ws_m), torch.empty_like(ws_m), torch.empty_like(ws_m)
     ws_i = torch.empty((n, n_chunks), dtype=torch.int32, device=dev)
     ws_b = torch.empty_like(ws_i)
     warps = _num_warps(chunk)
-    _exact_partials_kernel[(n, n_chunks)](
+    launch(_exact_partials_kernel)[(n, n_chunks)](
         z2, v2, ws_m, ws_i, ws_r, ws_w, ws_b, k, sz, sv, n_chunks, CHUNK=chunk, num_warps=warps
     )
-    _exact_write_kernel[(n, n_chunks)](
+    launch(_exact_write_kernel)[(n, n_chunks)](
         z2, v2, o2, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, k, sz, sv, so, n_chunks,
         CHUNK=chunk, NC_BLOCK=nc_block, num_warps=warps,
     )  # fmt: skip
-    _exact_fix_kernel[(n,)](
+    launch(_exact_fix_kernel)[(n,)](
         o2, ws_m, ws_i, ws_r, ws_w, ws_b, ws_q, k, so, n_chunks, NC_BLOCK=nc_block, num_warps=1
     )
     return out
@@ -402,7 +430,7 @@ def _jacobian_kernel(p_ptr, d_ptr, o_ptr, K, sp, sd, BI: tl.constexpr, BJ: tl.co
     tl.store(base + offs, tile.to(o_ptr.dtype.element_ty), mask=mi[:, None] & mj[None, :])
 
 
-def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
+def softmax_jacobian_dense(probs: torch.Tensor, *, launch: Callable = direct) -> torch.Tensor:
     """Dense ``(..., K, K)`` Jacobian; diagonal ``σ_i (1 − σ_i)`` with ``1 − σ_{i*}`` taken as
     ``Σ_{j≠i*} σ_j`` (that O(N·K) diagonal is formed by torch, the O(N·K²) write here)."""
     shape = probs.shape
@@ -416,9 +444,9 @@ def softmax_jacobian_dense(probs: torch.Tensor) -> torch.Tensor:
     rest = p32.scatter(-1, idx, 0.0).sum(dim=-1, keepdim=True)
     diag = (p32 * (1 - p32)).scatter(-1, idx, p32.gather(-1, idx) * rest).contiguous()
     n = p2.shape[0]
-    bi, bj = 32, min(256, max(16, triton.next_power_of_2(k)))
+    bi, bj = 32, min(256, max(16, triton.next_power_of_2(int(k))))
     grid = (n, triton.cdiv(k, bi), triton.cdiv(k, bj))
-    _jacobian_kernel[grid](p2, diag, out, k, _row_stride(p2), k, BI=bi, BJ=bj, num_warps=4)
+    launch(_jacobian_kernel)[grid](p2, diag, out, k, _row_stride(p2), k, BI=bi, BJ=bj, num_warps=4)
     return out
 
 
@@ -492,6 +520,7 @@ def cross_entropy_forward(
     label_smoothing: float,
     *,
     stats: bool = False,
+    launch: Callable = direct,
 ):
     """``(loss_rows, lse)`` in float32 for ``(N, K)`` logits, or ``(loss_rows, (m, ls))`` with
     ``stats=True``: one pass over each row (online log-sum-exp), a second one for label
@@ -505,7 +534,7 @@ def cross_entropy_forward(
         z = _as_rows(logits)
         w, _ = _weight_args(weight, k, dev)
         block = min(CE_BLOCK, vjp_block_size(k))
-        _ce_forward_kernel[(n,)](
+        launch(_ce_forward_kernel)[(n,)](
             z, target.contiguous(), w, loss, m, ls, k, _row_stride(z), ignore_index,
             float(label_smoothing),
             HAS_W=weight is not None, SMOOTH=label_smoothing > 0, BLOCK=block,
@@ -558,6 +587,7 @@ def cross_entropy_backward(
     label_smoothing: float,
     *,
     inplace: bool = False,
+    launch: Callable = direct,
 ) -> torch.Tensor:
     """``∂(Σ_n g_n loss_n)/∂z`` for ``(N, K)`` logits in one read and one write per element
     (into ``logits`` itself when ``inplace``; then ``logits`` must have unit column stride);
@@ -574,7 +604,7 @@ def cross_entropy_backward(
     w, w_sum = _weight_args(weight, k, logits.device)
     block = min(CE_BLOCK, vjp_block_size(k))
     grid = (n, triton.cdiv(k, block))
-    _ce_backward_kernel[grid](
+    launch(_ce_backward_kernel)[grid](
         z, target.contiguous(), w, w_sum, m.contiguous(), ls.contiguous(),
         grad_rows.float().reshape(-1).expand(n).contiguous(), out, k, _row_stride(z),
         _row_stride(out), ignore_index, float(label_smoothing),

@@ -32,9 +32,10 @@ tensors and record nothing; they are what the registered ops (``softjac.kernels.
 entry points here (``softmax``, ``softmax_vjp``, ``softmax_vjp_logits``,
 ``softmax_jacobian_dense``, ``jacobian_logits``) call the kernel directly when nothing needs
 a graph, the registered op (with its autograd) when an input requires grad or under
-``torch.compile``, and for forward-mode dual tensors or ``torch.func`` wrappers the PyTorch
-code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an explicit kernel
-backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
+``torch.compile`` (there its ``triton_op`` twin where the backend resolves to Triton, see
+``softjac.kernels._ops.call``), and for forward-mode dual tensors or ``torch.func`` wrappers
+the PyTorch code under ``"auto"`` (recorded natively) or raise ``RuntimeError`` under an
+explicit kernel backend; ``backend="torch"`` is always the PyTorch code of ``softjac.kernels._torch``, the
 same code whatever the entry point.
 
 Layouts: rows addressed through a row stride need no copy in any backend (row slices,
@@ -292,7 +293,9 @@ def resolve_backend(fn: str, backend: str, x: torch.Tensor, op: str, *others: to
     return _resolve(fn, backend, x, op, *others)
 
 
-def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor) -> str:
+def _resolve(
+    fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Tensor, traced: bool = False
+) -> str:
     """The one place where softjac picks an implementation for ``op`` on ``x``.
 
     ``"auto"`` never raises: it looks at the device, dtype and shape (see :func:`info`) and
@@ -300,11 +303,15 @@ def _resolve(fn: str, backend: str, x: torch.Tensor, op: str, *others: torch.Ten
     tensor subclasses, ``torch.compile`` tracing); an explicit backend that cannot run raises
     ``RuntimeError``. Recording for autograd is not decided here: the callers run it inside
     the registered ops or ``softjac._autograd``'s Functions (see :func:`graph_needs`).
+
+    ``traced=True``: the same decision for the tensors a ``torch.compile`` trace sees (fake
+    tensors: device, dtype and shape known, no memory), without the memory checks; used by
+    ``softjac.kernels._ops.call`` to record a Triton op in the graph.
     """
     check_backend(fn, backend)
     if backend == "torch":
         return "torch"
-    tensors = (x, *others)
+    tensors = () if traced else (x, *others)
     if backend == "auto":
         if torch.compiler.is_compiling():
             return "torch"
@@ -553,7 +560,7 @@ def softmax(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         backend,
         (z,),
         lambda: run_softmax(z, backend),
-        lambda: _ops.softmax(z, backend),
+        lambda: _ops.call("softmax", backend, z),
         lambda: _torch.softmax(z),
     )
 
@@ -567,7 +574,7 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor, *, backend: str = "auto") 
         backend,
         (probs, v),
         lambda: run_softmax_vjp(probs, v, backend),
-        lambda: _ops.softmax_vjp(probs, v.to(probs.dtype), backend),
+        lambda: _ops.call("softmax_vjp", backend, probs, v.to(probs.dtype)),
         lambda: _torch.softmax_vjp(probs, v),
     )
 
@@ -580,7 +587,7 @@ def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor, *, backend: str = "auto
         backend,
         (z, v),
         lambda: run_softmax_vjp_logits(z, v, backend),
-        lambda: _ops.softmax_vjp_logits(z, v.to(z.dtype), backend),
+        lambda: _ops.call("softmax_vjp_logits", backend, z, v.to(z.dtype)),
         lambda: _exact_vjp_torch(z, v),
     )
 
@@ -619,7 +626,7 @@ def softmax_jacobian_dense(probs: torch.Tensor, *, backend: str = "auto") -> tor
         backend,
         (probs,),
         lambda: run_softmax_jacobian(probs, backend),
-        lambda: _ops.softmax_jacobian(probs, backend),
+        lambda: _ops.call("softmax_jacobian", backend, probs),
         lambda: _torch.softmax_jacobian_dense(probs),
     )
 
@@ -632,7 +639,7 @@ def jacobian_logits(z: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         backend,
         (z,),
         lambda: run_jacobian_logits(z, backend),
-        lambda: _ops.jacobian_logits(z, backend),
+        lambda: _ops.call("jacobian_logits", backend, z),
         lambda: _exact_jacobian_torch(z),
     )
 
