@@ -933,3 +933,15 @@ def test_softmax_backward_uses_the_forward_argmax():
     scale = pd * (wa + (pd * wa).sum(-1, keepdim=True))
     assert bool(((zr.grad.double() - ref).abs() <= 64 * 2**-23 * scale + 1e-37).all())
     assert torch.equal(zr.grad[3], torch.zeros(300))
+
+
+def test_traced_resolution_is_the_eager_decision(monkeypatch):
+    """``dispatch._resolve(..., traced=True)`` (what a ``torch.compile`` trace asks to choose a
+    Triton op) gives, while compiling, the decision ``auto`` makes for the same device, dtype
+    and shape outside the compiler, not the "keep to torch" of an untraced call."""
+    x = torch.randn(4, 6)
+    eager = {op: dispatch._resolve("f", "auto", x, op) for op in ("softmax", "softmax_vjp")}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for op, chosen in eager.items():
+        assert dispatch._resolve("f", "auto", x, op, traced=True) == chosen
+        assert dispatch._resolve("f", "auto", x, op) == "torch"

@@ -313,7 +313,7 @@ def _resolve(
         return "torch"
     tensors = () if traced else (x, *others)
     if backend == "auto":
-        if torch.compiler.is_compiling():
+        if not traced and torch.compiler.is_compiling():
             return "torch"
         for t in tensors:  # (a loop, not any(generator): this runs on every call)
             if _no_memory(t):
