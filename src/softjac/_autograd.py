@@ -22,7 +22,8 @@ The entry points are :func:`softmax_last`, :func:`vjp_probs`, :func:`vjp_logits`
 :func:`jacobian_logits`. The Functions and what they compute (``σ = softmax(z)``,
 ``J = diag(σ) − σσᵀ``):
 
-* :class:`SoftmaxLast` ``z ↦ σ``. Saves only σ. Backward and JVP are the same product
+* :class:`SoftmaxLast` ``z ↦ σ``. Saves σ (and in eager C calls each row's argmax).
+  Backward and JVP are the same product
   ``J u = σ ⊙ (u − ⟨σ, u⟩)`` (J is symmetric), evaluated by :class:`SoftmaxVJP`.
 * :class:`SoftmaxVJP` ``(σ, v) ↦ J(σ) v``, its own Function so that the backward of softmax
   is differentiable in closed form: with ``u = σ ⊙ v − σ ⟨σ, v⟩``,
@@ -435,8 +436,8 @@ def softmax_last_autograd(z: torch.Tensor, backend: str = "auto") -> torch.Tenso
         backend: kernel choice, ``"auto" | "torch" | "triton" | "cpu"``.
 
     Returns:
-        σ with the shape and dtype of ``z``. Cost O(K) per row, forward and backward; the
-        only tensor kept for backward is σ.
+        σ with the shape and dtype of ``z``. Cost O(K) per row, forward and backward; kept
+        for backward: σ, and where the C kernel ran each row's argmax (int32).
     """
     dispatch.check_backend("softjac.softmax", backend)
     return softmax_last(z, backend)
