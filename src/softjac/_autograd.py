@@ -388,7 +388,7 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     kernel directly, the registered op under ``torch.compile``, else :class:`SoftmaxLast`."""
     if _compiling():
         return _ops.call("softmax", backend, z)
-    if _plain(z):
+    if not dispatch.graph_needs(z):  # (_plain without a second is_compiling)
         return dispatch.run_softmax(z, backend)
     return _apply(SoftmaxLast, z, backend)
 

@@ -260,7 +260,13 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
     if x.is_cpu:  # (``is_cpu`` first: ``x.device`` builds a new object on every call)
         if x.dtype not in _C_OPS.get(op, ()):
             return "torch", f"no C kernel for {x.dtype}"
-        if op == "softmax" and x.dim() and x.shape[-1] > 1 and x.stride(-1) != 1:
+        if (
+            op == "softmax"
+            and not x.is_contiguous()
+            and x.dim()
+            and x.shape[-1] > 1
+            and (x.stride(-1) != 1)
+        ):
             return (
                 "torch",
                 "class dim not innermost (the C kernel would copy; torch reads it in place)",
