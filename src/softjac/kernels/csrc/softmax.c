@@ -31,33 +31,35 @@ static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int wa
     for (int l = 0; l < CVL; ++l) lane[l] = l;
     /* per lane: the max and the first index holding it (a strict > keeps the first), so the
      * row's first argmax is the least index among the lanes that hold m: no search after */
+    /* NaN: a NaN never wins a > (so it is not the max) and makes its exp, the sum, 1 / sum and
+     * so every sigma_j NaN; only a row whose other entries are all -inf needs a look for it */
     cvf mv = zero + ninf;
-    cvi iv = lane * 0 - 1, jv = lane, nanv = lane * 0;
+    cvi iv = lane * 0 - 1, jv = lane;
     int64_t j = 0;
     for (; j + CVL <= k; j += CVL, jv += CVL) {
         const cvf x = cvld(z + j);
         const cvi g = x > mv;
         mv = (cvf)cvsel(g, (cvi)x, (cvi)mv);
         iv = cvsel(g, jv, iv);
-        nanv |= x != x;
     }
     if (j < k) {
         const cvf x = cvld_part(z + j, k - j, ninf);
         const cvi g = x > mv;
         mv = (cvf)cvsel(g, (cvi)x, (cvi)mv);
         iv = cvsel(g, jv, iv);
-        nanv |= x != x;
     }
     const float m = chmax(mv);
-    int anynan = 0;
-    for (int l = 0; l < CVL; ++l) anynan |= nanv[l];
-    if (anynan || m == -ninf) { /* a NaN or a +inf: NaN throughout, as torch.softmax */
+    if (m == ninf) { /* fully masked (zeros), unless the row holds a NaN */
+        int nan = 0;
+        for (j = 0; j < k; ++j) nan |= z[j] != z[j];
+        if (!nan) {
+            memset(out, 0, (size_t)k * sizeof(float));
+            return -1;
+        }
+    }
+    if (m == ninf || m == -ninf) { /* a +inf (or a NaN among -inf): NaN throughout */
         const float qnan = __builtin_nanf("");
         for (j = 0; j < k; ++j) out[j] = qnan;
-        return -1;
-    }
-    if (m == ninf) {
-        memset(out, 0, (size_t)k * sizeof(float));
         return -1;
     }
     const cvf mm = zero + m;
@@ -81,11 +83,11 @@ static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int wa
         }
         s_acc += (double)chsum(sv);
     }
-    const float rs = 1.0f / (float)s_acc;
+    const float rs = 1.0f / (float)s_acc; /* NaN if the row holds a NaN */
     const cvf rss = zero + rs;
     for (j = 0; j < kv; j += CVL) cvst(out + j, cvld(out + j) * rss);
     if (kv < k) cvst_part(out + kv, ex_rest * rss, k - kv);
-    if (!want_idx) return -1;
+    if (!want_idx || s_acc != s_acc) return -1;
     const cvi big = lane * 0 + 0x7fffffff, h = (cvi)(mv == (zero + m));
     const cvi c = cvsel(h, iv, big);
     int32_t istar = c[0];

@@ -766,30 +766,18 @@ static int vjp_exact_row_f32_stored(const float *z, const float *v, float *out, 
     const cvf zero = {0};
     cvi lane;
     for (int l = 0; l < CVL; ++l) lane[l] = l;
+    /* NaN: never the max; a NaN in z or v makes A NaN below, and such rows go to the general
+     * row (return 1), which writes the NaNs; only a NaN among -inf needs a look here */
     cvf mv0 = zero + ninf, mv1 = mv0;
-    cvi nanv = lane * 0;
     int64_t j = 0;
     for (; j + 2 * CVL <= k; j += 2 * CVL) {
-        const cvf x0 = cvld(z + j), x1 = cvld(z + j + CVL);
-        mv0 = cvmax(x0, mv0);
-        mv1 = cvmax(x1, mv1);
-        nanv |= (x0 != x0) | (x1 != x1);
+        mv0 = cvmax(cvld(z + j), mv0);
+        mv1 = cvmax(cvld(z + j + CVL), mv1);
     }
-    for (; j < k; j += CVL) {
-        const cvf x = k - j >= CVL ? cvld(z + j) : cvld_part(z + j, k - j, ninf);
-        mv0 = cvmax(x, mv0);
-        nanv |= x != x;
-    }
+    for (; j < k; j += CVL)
+        mv0 = cvmax(k - j >= CVL ? cvld(z + j) : cvld_part(z + j, k - j, ninf), mv0);
     const float m = chmax(cvmax(mv0, mv1));
-    if (cv_any(nanv) || m == -ninf) {
-        const float qnan = __builtin_nanf("");
-        for (j = 0; j < k; ++j) out[j] = qnan;
-        return 0;
-    }
-    if (m == ninf) {
-        memset(out, 0, (size_t)k * sizeof(float));
-        return 0;
-    }
+    if (m == ninf || m == -ninf) return 1; /* fully masked, +inf or NaN among -inf: rare */
     const int64_t istar = first_equal(z, k, m);
     const int64_t ivec = istar - istar % CVL; /* the vector that holds i* */
     const cvi notstar = lane != (lane * 0 + (int32_t)(istar - ivec));
