@@ -945,3 +945,22 @@ def test_traced_resolution_is_the_eager_decision(monkeypatch):
     for op, chosen in eager.items():
         assert dispatch._resolve("f", "auto", x, op, traced=True) == chosen
         assert dispatch._resolve("f", "auto", x, op) == "torch"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("k", (2, 9, 128, 1000))
+def test_cpu_nan_among_masked_entries(k):
+    """A NaN whose row is otherwise fully masked (−inf) is a NaN row, not a masked one (zeros):
+    in the softmax forward (argmax −1), the exact VJP from logits and the softmax backward."""
+    z = torch.full((3, k), -math.inf)
+    z[0, k // 2] = math.nan
+    z[1, k - 1] = math.nan
+    z[2] = torch.randn(k)
+    p, idx = _cpu.softmax(z, argmax=True)
+    assert bool(p[:2].isnan().all()) and bool(p[2].isfinite().all())
+    assert idx.tolist()[:2] == [-1, -1]
+    u = _cpu.softmax_vjp_logits(z, torch.randn(3, k))
+    assert bool(u[:2].isnan().all()) and bool(u[2].isfinite().all())
+    zr = z.clone().requires_grad_()
+    softjac.softmax(zr).backward(torch.randn(3, k))
+    assert bool(zr.grad[:2].isnan().all()) and bool(zr.grad[2].isfinite().all())
