@@ -201,10 +201,39 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
 #define CE_FWD_FAST_f32
 #define CE_BWD_FAST_f32
 #endif
+/* Half logits: the row widened into float32 scratch and the float32 row function on it
+ * (common.h); the same formulas, in float32 either way. */
+#ifdef SOFTJAC_VEC
+#define CE_FWD_FAST_HALF(SUFFIX)                                                                  \
+    {                                                                                             \
+        float *zs = half_scratch(0, k);                                                           \
+        if (zs) {                                                                                 \
+            widen_##SUFFIX(zr, zs, k);                                                            \
+            ce_fwd_row_f32_vec(zs, tgt[i], w, w_sum, k, ignore_index, eps, loss + i, m_out + i,   \
+                               ls_out + i);                                                       \
+            continue;                                                                             \
+        }                                                                                         \
+    }
+#define CE_BWD_FAST_HALF(SUFFIX)                                                                  \
+    {                                                                                             \
+        float *zs = half_scratch(0, k);                                                           \
+        if (zs) {                                                                                 \
+            widen_##SUFFIX(zr, zs, k);                                                            \
+            ce_bwd_row_f32_vec(zs, zs, y, w, m, ls, coef, sm, g * (1.0f - eps) * wy, k);          \
+            narrow_##SUFFIX(zs, orow, k);                                                         \
+            continue;                                                                             \
+        }                                                                                         \
+    }
+#define CE_FWD_FAST_bf16 CE_FWD_FAST_HALF(bf16)
+#define CE_BWD_FAST_bf16 CE_BWD_FAST_HALF(bf16)
+#define CE_FWD_FAST_f16 CE_FWD_FAST_HALF(f16)
+#define CE_BWD_FAST_f16 CE_BWD_FAST_HALF(f16)
+#else
 #define CE_FWD_FAST_bf16
 #define CE_BWD_FAST_bf16
 #define CE_FWD_FAST_f16
 #define CE_BWD_FAST_f16
+#endif
 
 DEFINE_CE(f32, float, LOAD_F32, STORE_F32)
 DEFINE_CE(bf16, bf16_t, LOAD_BF16, STORE_BF16)

@@ -388,8 +388,35 @@ static inline int64_t inner_tile(int64_t k, int64_t m, int64_t elem) {
 #define vjp_row_fast_f32 vjp_row_f32
 #endif
 #define vjp_row_fast_f64 vjp_row_f64
+/* Half rows: σ and v widened into float32 scratch, the float32 vector row, the result rounded
+ * once (common.h); the element-wise row when the scratch is unavailable. */
+#ifdef SOFTJAC_VEC
+#define DEFINE_VJP_ROW_HALF(SUFFIX, T)                                                            \
+    static void vjp_row_half_##SUFFIX(const T *p, const T *v, T *out, int64_t k) {              \
+        float *ps = half_scratch(0, 3 * k); /* σ, v and the result (not in place) */             \
+        if (!ps || k >= ((int64_t)1 << 31)) {                                                     \
+            vjp_row_##SUFFIX(p, v, out, k);                                                       \
+            return;                                                                               \
+        }                                                                                         \
+        float *vs = ps + k, *os = ps + 2 * k;                                                     \
+        widen_##SUFFIX(p, ps, k);                                                                 \
+        widen_##SUFFIX(v, vs, k);                                                                 \
+        vjp_row_f32_vec(ps, vs, os, k);                                                           \
+        narrow_##SUFFIX(os, out, k);                                                              \
+    }
+#define vjp_row_fast_bf16 vjp_row_half_bf16
+#define vjp_row_fast_f16 vjp_row_half_f16
+#else
 #define vjp_row_fast_bf16 vjp_row_bf16
 #define vjp_row_fast_f16 vjp_row_f16
+#endif
+
+#ifdef SOFTJAC_VEC
+static void vjp_row_bf16(const bf16_t *p, const bf16_t *v, bf16_t *out, int64_t k);
+static void vjp_row_f16(const f16_t *p, const f16_t *v, f16_t *out, int64_t k);
+DEFINE_VJP_ROW_HALF(bf16, bf16_t)
+DEFINE_VJP_ROW_HALF(f16, f16_t)
+#endif
 
 DEFINE_VJP(f32, float, float, LOAD_F32, STORE_F32, exp_f32)
 DEFINE_VJP(f64, double, double, LOAD_F64, STORE_F64, exp_f64)
