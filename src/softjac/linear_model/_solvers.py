@@ -50,6 +50,13 @@ SOLVERS = ("auto", "primal", "dual", "newton-cg")
 
 # Rows per chunk when B = [√c_i x̃_i ⊗ p_i] is formed for the primal Hessian.
 _CHUNK_BYTES = 64 * 2**20
+# X̃ = [X, 1] is stored (a copy of X) up to this size; above, X and the intercept column
+# are multiplied separately.
+_AUGMENT_BYTES = 2**30
+# Newton–CG: the forcing term η (CG stops at ‖r‖ ≤ η‖g‖) and the largest d' for the full
+# Kronecker preconditioner.
+_FORCING = 0.3
+_FULL_KRON_MAX_D = 512
 # The cost model of the regimes (see solver_cost): Hessian-vector products per Newton–CG
 # step, their cost per flop relative to a large GEMM, and the fixed cost of one CG
 # iteration (a dozen small tensor operations) in flop-equivalents.
@@ -119,6 +126,19 @@ class Problem:
         self._XXt: torch.Tensor | None = None
         self._Xt: torch.Tensor | None = None
         self._s: torch.Tensor | None = None
+        self._cov_eig: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows = torch.arange(self.n, device=self.device)
+        # X̃ᵀ = [X, 1]ᵀ stored once, (d', n) contiguous (dense X, when the copy is
+        # affordable): X̃ Θᵀ and Rᵀ X̃ are then single products for the coefficients and the
+        # intercepts together, both in the (K, n) layout, the faster one for these skinny
+        # products.
+        self.XaT: torch.Tensor | None = None
+        if not self.sparse and self.n * (self.d + 1) * _itemsize(self.dtype) <= _AUGMENT_BYTES:
+            XaT = X.new_empty(self.d + int(fit_intercept), self.n)
+            XaT[: self.d].copy_(X.T)
+            if fit_intercept:
+                XaT[self.d].fill_(1.0)
+            self.XaT = XaT
 
     # -- products with X -------------------------------------------------------------------
     def xw(self, W: torch.Tensor) -> torch.Tensor:
@@ -177,6 +197,33 @@ class Problem:
             self._XXt = Xd @ Xd.T
         return self._XXt
 
+    def xw_t(self, V: torch.Tensor) -> torch.Tensor:
+        """``V X̃ᵀ`` for V = (V_w, v_b) of shape ``(K, d')``: ``(X V_wᵀ + v_b)ᵀ``, ``(K, n)``."""
+        if self.XaT is not None:
+            return V @ self.XaT
+        U = self.xw(V[:, : self.d])
+        if self.fit_intercept:
+            U += V[:, self.d]
+        return U.T.contiguous()
+
+    def xtr_t(self, RT: torch.Tensor) -> torch.Tensor:
+        """``Rᵀ X̃`` = ``(Rᵀ X, Rᵀ 1)`` for ``Rᵀ`` of shape ``(K, n)``; ``(K, d')``."""
+        if self.XaT is not None:
+            return RT @ self.XaT.T
+        R = RT.T
+        if not self.fit_intercept:
+            return self.xtr(R)
+        return torch.cat([self.xtr(R), R.sum(0).unsqueeze(1)], dim=1)
+
+    def dense_aug_t(self) -> torch.Tensor:
+        """``X̃ᵀ``, ``(d', n)``."""
+        if self.XaT is not None:
+            return self.XaT
+        Xd = self.dense_x()
+        if self.fit_intercept:
+            Xd = torch.cat([Xd, Xd.new_ones(self.n, 1)], dim=1)
+        return Xd.T
+
     # -- objective ------------------------------------------------------------------------
     def logits(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         z = self.xw(W)
@@ -203,21 +250,37 @@ class Problem:
         gb = R.sum(0) if self.fit_intercept else torch.zeros_like(R[0])
         return gw, gb
 
-    def hvp(self, P: torch.Tensor, cP: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """``H v`` in O(n d K) for V = (V_w, v_b) of shape ``(K, d')``: ``U = X V_wᵀ + v_b``,
-        ``R_i = c_i J_i u_i = c_i p_i ∘ u_i − c_i p_i ⟨p_i, u_i⟩``, ``(Rᵀ X + λV_w, Rᵀ 1)``."""
-        d = self.d
-        U = self.xw(V[:, :d])
-        if self.fit_intercept:
-            U += V[:, d]
-        cPU = cP * U
-        R = torch.addcmul(cPU, cP, (P * U).sum(1, keepdim=True), value=-1.0)
-        out = torch.empty_like(V)
-        out[:, :d] = self.xtr(R)
+    def value_theta(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Objective and probabilities ``Pᵀ`` ``(K, n)`` at Θ = (W, b) of shape ``(K, d')``:
+        one product ``Zᵀ = Θ X̃ᵀ``, then ``Σ_i c_i (logsumexp z_i − z_{i,y_i}) + (λ/2)‖W‖²``.
+        O(n d K)."""
+        ZT = self.xw_t(theta)
+        lse = torch.logsumexp(ZT, dim=0, keepdim=True)
+        f = torch.dot(self.c, lse.squeeze(0) - ZT[self.y, self._rows])
         if self.lam > 0:
-            out[:, :d].add_(V[:, :d], alpha=self.lam)
-        if self.fit_intercept:
-            out[:, d] = R.sum(0)
+            W = theta[:, : self.d]
+            f = f + 0.5 * self.lam * torch.sum(W * W)
+        return float(f), ZT.sub_(lse).exp_()
+
+    def gradient_theta(self, theta: torch.Tensor, PT: torch.Tensor) -> torch.Tensor:
+        """``∇f = (Rᵀ X + λW, Rᵀ 1)`` with ``R_i = c_i (p_i − e_{y_i})``, ``(K, d')``."""
+        RT = PT * self.c
+        RT[self.y, self._rows] -= self.c
+        G = self.xtr_t(RT)
+        if self.lam > 0:
+            G[:, : self.d].add_(theta[:, : self.d], alpha=self.lam)
+        return G
+
+    def hvp(self, PT: torch.Tensor, cPT: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """``H v`` in O(n d K) for V = (V_w, v_b) of shape ``(K, d')``, with ``Pᵀ`` and
+        ``(c P)ᵀ`` of shape ``(K, n)``: ``U = X̃ Vᵀ``, ``R_i = c_i J_i u_i =
+        c_i p_i ∘ (u_i − ⟨p_i, u_i⟩)``, ``(Rᵀ X + λV_w, Rᵀ 1)``: two products with X̃ and
+        four elementwise operations on ``(K, n)``."""
+        UT = self.xw_t(V)
+        s = torch.linalg.vecdot(PT, UT, dim=0)
+        out = self.xtr_t(UT.sub_(s).mul_(cPT))
+        if self.lam > 0:
+            out[:, : self.d].add_(V[:, : self.d], alpha=self.lam)
         return out
 
     # -- sizes ----------------------------------------------------------------------------
@@ -421,9 +484,10 @@ def step_dual(
 
 
 class _KroneckerPreconditioner:
-    """Block-diagonal preconditioner: blocks ``s_j J̄ + λ_j I`` with ``s_j = Σ_i c_i x_ij²`` and ``J̄ = Σ_i c_i J_i``: the exact
-    block of feature j when p_i does not vary with x_ij². One K × K eigendecomposition per
-    Newton step, O(n K²); ``s`` once per fit, O(n d); O(d K²) per apply (two GEMMs)."""
+    """Block-diagonal preconditioner: blocks ``s_j J̄ + λ_j I`` with ``s_j = Σ_i c_i x_ij²``
+    and ``J̄ = Σ_i c_i J_i``: the exact block of feature j when p_i does not vary with x_ij².
+    One K × K eigendecomposition per Newton step, O(n K²); ``s`` once per fit, O(n d);
+    O(d K²) per apply (two GEMMs)."""
 
     def __init__(self, prob: Problem, P: torch.Tensor):
         k, d = prob.k, prob.d
@@ -449,6 +513,44 @@ class _KroneckerPreconditioner:
         return self.V @ ((self.V.T @ R) * self.scale)
 
 
+class _FullKroneckerPreconditioner:
+    """``(A ⊗ J̃ + λI)⁻¹`` with ``A = Σ_i c_i w_i x̃_i x̃_iᵀ`` (``d' × d'``), ``w_i = tr J_i =
+    1 − ‖p_i‖²`` and ``J̃ = J̄ / tr J̄``: the Hessian itself when every J_i is a multiple of
+    one matrix, so it captures the correlations between features that the block-diagonal
+    one ignores. Per Newton step one ``d' × d'`` product over the data, O(n d'²), and the
+    eigendecompositions of A and J̃, O(d'³ + K³); O(K d'² + K² d') per apply (four GEMMs):
+    ``V ((Vᵀ R U) ∘ scale) Uᵀ``. λ is applied to the intercept column too (a preconditioner
+    only needs to be symmetric positive definite)."""
+
+    def __init__(self, prob: Problem, P: torch.Tensor):
+        k = prob.k
+        cp = P * prob.c.unsqueeze(1)
+        Jbar = torch.diag(cp.sum(0)) - cp.T @ P
+        Jbar = 0.5 * (Jbar + Jbar.T)
+        tr = float(Jbar.diagonal().sum())
+        if not tr > 0:
+            tr = 1.0
+        Jt = Jbar / tr + 1.0 / (k * k)  # + (1/K)·11ᵀ/K: eigenvalue 1/K along 1
+        mu, V = torch.linalg.eigh(Jt)
+        XaT = prob.dense_aug_t()
+        w = prob.c * (1.0 - torch.linalg.vecdot(P, P)).clamp_min(0.0)
+        A = (XaT * w) @ XaT.T * (tr / float(w.sum().clamp_min(1e-300)))
+        s, U = torch.linalg.eigh(0.5 * (A + A.T))
+        den = mu.unsqueeze(1) * s.clamp_min(0.0).unsqueeze(0) + prob.lam  # (K, d')
+        tiny = torch.finfo(P.dtype).eps * float(den.abs().max())
+        self.scale = 1.0 / den.clamp_min(tiny)
+        self.V, self.U = V, U
+
+    def __call__(self, R: torch.Tensor) -> torch.Tensor:
+        return self.V @ (((self.V.T @ R) @ self.U) * self.scale) @ self.U.T
+
+
+def _full_kronecker_pays(n: int, d_aug: int, k: int, sparse: bool) -> bool:
+    """The full Kronecker preconditioner when its per-step product over the data (n d'²)
+    costs at most about four Hessian-vector products (2 n d' K each) and d' is small."""
+    return not sparse and d_aug <= min(8 * k, _FULL_KRON_MAX_D)
+
+
 def step_newton_cg(
     prob: Problem,
     P: torch.Tensor,
@@ -456,22 +558,33 @@ def step_newton_cg(
     gb: torch.Tensor,
     *,
     forcing: float | None = None,
+    tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ η‖g‖`` with the forcing term
-    ``η = min(1/2, √‖g‖)`` (superlinear local convergence) unless ``forcing`` is given.
+    """Preconditioned CG on ``H Δ = −g``, stopped at ``‖r‖ ≤ η‖g‖`` (η = ``forcing``, default
+    ``_FORCING``) or as soon as ``max |r| ≤ tol / 4``: after a full step the new gradient is
+    ``−r`` up to second-order terms, so a more accurate solve than that cannot be needed
+    to reach ``max |∇f| ≤ tol``; the outer loop checks the true gradient either way.
 
     Works on ``(K, d')`` tensors (coefficients and intercept side by side). The iterates stay
     centred over the classes in exact arithmetic (g, H and the preconditioner all map the
     centred subspace into itself); the result is projected once to remove rounding drift.
+    Per iteration: one Hessian-vector product and about ten small tensor operations.
     """
     d = prob.d
-    pre = _KroneckerPreconditioner(prob, P)
-    cP = P * prob.c.unsqueeze(1)
+    if _full_kronecker_pays(prob.n, prob.d_aug, prob.k, prob.sparse):
+        pre: _KroneckerPreconditioner | _FullKroneckerPreconditioner = _FullKroneckerPreconditioner(
+            prob, P
+        )
+    else:
+        pre = _KroneckerPreconditioner(prob, P)
+    PT = P.T.contiguous()
+    cPT = PT * prob.c
     g = torch.cat([gw, gb.unsqueeze(1)], dim=1) if prob.fit_intercept else gw
     r = -g
     gnorm = float(torch.linalg.vector_norm(g))
-    eta = min(0.5, gnorm**0.5) if forcing is None else forcing
+    eta = _FORCING if forcing is None else forcing
     target = eta * gnorm
+    target_inf = 0.25 * tol
     x = torch.zeros_like(g)
     z = pre(r)
     p = z
@@ -479,7 +592,7 @@ def step_newton_cg(
     size = prob.d_aug * prob.k
     maxiter = max(20, min(500, size)) if forcing is None else 4 * size + 20
     for _ in range(maxiter):
-        hp = prob.hvp(P, cP, p)
+        hp = prob.hvp(PT, cPT, p)
         curv = float(torch.vdot(p.reshape(-1), hp.reshape(-1)))
         if curv <= 0:
             break
@@ -488,9 +601,11 @@ def step_newton_cg(
         r.add_(hp, alpha=-alpha)
         if float(torch.linalg.vector_norm(r)) <= target:
             break
+        if target_inf > 0 and float(r.abs().max()) <= target_inf:
+            break
         z = pre(r)
         rz_new = float(torch.vdot(r.reshape(-1), z.reshape(-1)))
-        p = z.add(p, alpha=rz_new / rz)
+        p = z.add_(p, alpha=rz_new / rz)
         rz = rz_new
     if not bool(x.any()):
         x = pre(-g)
@@ -515,18 +630,29 @@ def newton(
     max_iter: int,
     verbose: int = 0,
 ) -> NewtonResult:
-    """Damped Newton: Armijo backtracking on f, stop when ``max |∇f| ≤ tol``."""
+    """Damped Newton: Armijo backtracking on f, stop when ``max |∇f| ≤ tol``.
+
+    Works on Θ = (W, b) of shape ``(K, d')``: each trial point costs one product
+    ``X̃ Θᵀ`` (the objective and the probabilities), an accepted one a second, ``Rᵀ X̃``
+    (the gradient); a full step (t = 1) is tried first and usually accepted.
+    """
     step_fn = _STEPS[solver]
+    d, fi = prob.d, prob.fit_intercept
     # Centring over the classes changes no logit and never raises the penalty.
-    W = _centre(W0)
-    b = b0 - b0.mean() if prob.fit_intercept else torch.zeros_like(b0)
-    Z = prob.logits(W, b)
-    f, P = prob.value(W, Z)
-    gw, gb = prob.gradient(W, P)
+    theta = torch.cat([W0, b0.unsqueeze(1)], dim=1) if fi else W0.clone()
+    theta = _centre(theta)
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if fi:
+            return t[:, :d], t[:, d]
+        return t, torch.zeros(prob.k, dtype=prob.dtype, device=prob.device)
+
+    f, PT = prob.value_theta(theta)
+    G = prob.gradient_theta(theta, PT)
     eps = torch.finfo(prob.dtype).eps
     converged = False
     it = 0
-    gmax = float(torch.maximum(gw.abs().max(), gb.abs().max()))
+    gmax = float(G.abs().max())
     while True:
         if not math.isfinite(gmax):
             raise FloatingPointError("the gradient is not finite; scale X or lower C")
@@ -536,31 +662,32 @@ def newton(
         if it >= max_iter:
             break
         it += 1
-        dw, db = step_fn(prob, P, gw, gb)
-        dw = _centre(dw)
-        if prob.fit_intercept:
-            db = db - db.mean()
-        slope = float(torch.sum(gw * dw) + torch.sum(gb * db))
+        gw, gb = split(G)
+        if solver == "newton-cg":
+            dw, db = step_newton_cg(prob, PT.T, gw, gb, tol=tol)
+        else:
+            dw, db = step_fn(prob, PT.T, gw, gb)
+        delta = torch.cat([dw, db.unsqueeze(1)], dim=1) if fi else dw
+        delta = _centre(delta)
+        slope = float(torch.vdot(G.reshape(-1), delta.reshape(-1)))
         if not slope < 0:
             # Rounding produced no descent direction: fall back to steepest descent.
-            dw, db = -gw, -gb
-            slope = -float(torch.sum(gw * gw) + torch.sum(gb * gb))
+            delta = -G
+            slope = -float(torch.vdot(G.reshape(-1), G.reshape(-1)))
         t = 1.0
-        gsum = float(gw.abs().sum() + gb.abs().sum())
+        gsum = float(G.abs().sum())
         accepted = False
         for _ in range(40):
-            Wn = W + t * dw
-            bn = b + t * db
-            Zn = prob.logits(Wn, bn)
-            fn_, Pn = prob.value(Wn, Zn)
+            theta_n = theta.add(delta, alpha=t)
+            fn_, Pn = prob.value_theta(theta_n)
             if fn_ <= f + 1e-4 * t * slope:
                 accepted = True
-                gwn, gbn = prob.gradient(Wn, Pn)
+                Gn = prob.gradient_theta(theta_n, Pn)
                 break
             if abs(fn_ - f) <= 16 * eps * max(1.0, abs(f)):
                 # At round-off level of f: accept when the gradient still shrinks.
-                gwn, gbn = prob.gradient(Wn, Pn)
-                if float(gwn.abs().sum() + gbn.abs().sum()) < gsum:
+                Gn = prob.gradient_theta(theta_n, Pn)
+                if float(Gn.abs().sum()) < gsum:
                     accepted = True
                     break
             t *= 0.5
@@ -574,9 +701,11 @@ def newton(
                 ConvergenceWarning,
                 stacklevel=3,
             )
-            return NewtonResult(W, b, it, False, f, gmax, solver)
-        W, b, f, P, gw, gb = Wn, bn, fn_, Pn, gwn, gbn
-        gmax = float(torch.maximum(gw.abs().max(), gb.abs().max()))
+            W, b = split(theta)
+            return NewtonResult(W.contiguous(), b.contiguous(), it, False, f, gmax, solver)
+        theta, f, PT, G = theta_n, fn_, Pn, Gn
+        gmax = float(G.abs().max())
         if verbose:
             print(f"  Newton iteration {it}: f = {f:.12g}, max|g| = {gmax:.3g}, step = {t:g}")
-    return NewtonResult(W, b, it, converged, f, gmax, solver)
+    W, b = split(theta)
+    return NewtonResult(W.contiguous(), b.contiguous(), it, converged, f, gmax, solver)
