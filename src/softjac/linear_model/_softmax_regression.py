@@ -21,7 +21,14 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from softjac.linear_model._solvers import SOLVERS, Problem, choose_solver, newton
+from softjac.linear_model._solvers import (
+    _REDUCE_RATIO,
+    SOLVERS,
+    Problem,
+    choose_solver,
+    newton,
+    reduce_features,
+)
 
 __all__ = ["SoftmaxRegression"]
 
@@ -221,8 +228,16 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             lam *= 2.0
         c = torch.as_tensor(sw / sw_sum, dtype=dtype, device=device)
         y_t = torch.as_tensor(y_enc.astype(np.int64), device=device)
-        prob = Problem(Xc, y_t, c, k, lam, bool(self.fit_intercept))
-        W0, b0 = self._initial(k, prob.d, dtype, device, binary)
+        d_full = Xc.shape[1]
+        W0, b0 = self._initial(k, d_full, dtype, device, binary)
+        basis = None
+        if Xc.layout == torch.strided and d_full > _REDUCE_RATIO * n:
+            # More features than samples: solve on the row space of X (exact; see
+            # reduce_features) and map back.
+            Xc, basis = reduce_features(Xc)
+            W_perp = W0 - (W0 @ basis) @ basis.T
+            W0 = W0 @ basis
+        prob = Problem(Xc, y_t, c, k, lam, bool(self.fit_intercept), basis=basis)
         itemsize = torch.empty((), dtype=dtype).element_size()
         solver = choose_solver(
             self.solver,
@@ -256,6 +271,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 stacklevel=2,
             )
         W, b = res.coef, res.intercept
+        if basis is not None:
+            # Without a penalty the component of a warm start outside the row space of X
+            # changes no logit and no gradient: it is kept, as the full problem would.
+            W = W @ basis.T + (W_perp if lam == 0 else 0.0)
         if binary:
             W = (W[1] - W[0]).unsqueeze(0)
             b = (b[1] - b[0]).unsqueeze(0)

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-__all__ = ["SOLVERS", "NewtonResult", "Problem", "choose_solver", "newton", "reduced_factor"]
+__all__ = [
+    "SOLVERS",
+    "NewtonResult",
+    "Problem",
+    "choose_solver",
+    "newton",
+    "reduce_features",
+    "reduced_factor",
+]
 
 SOLVERS = ("auto", "primal", "dual", "newton-cg")
 
@@ -53,6 +61,9 @@ _CHUNK_BYTES = 64 * 2**20
 # X̃ = [X, 1] is stored (a copy of X) up to this size; above, X and the intercept column
 # are multiplied separately.
 _AUGMENT_BYTES = 2**30
+# Dense X with more than this many times as many features as samples is reduced to its
+# row space first (reduce_features).
+_REDUCE_RATIO = 1.5
 # Newton–CG: the forcing term η (CG stops at ‖r‖ ≤ η‖g‖) and the largest d' for the full
 # Kronecker preconditioner.
 _FORCING = 0.3
@@ -112,8 +123,13 @@ class Problem:
         n_classes: int,
         lam: float,
         fit_intercept: bool,
+        basis: torch.Tensor | None = None,
     ):
         self.X = X
+        # With ``basis`` Q (D × d, orthonormal columns), X holds the reduced data X_full Q and
+        # the coefficients W stand for W Qᵀ (see reduce_features); gradients are reported
+        # in the full coordinates.
+        self.basis = basis
         self.sparse = X.layout != torch.strided
         self.y = y
         self.c = c
@@ -283,10 +299,34 @@ class Problem:
             out[:, : self.d].add_(V[:, : self.d], alpha=self.lam)
         return out
 
+    def grad_max(self, G: torch.Tensor) -> float:
+        """``max |∇f|`` in the original coordinates: ``(G_W Qᵀ, g_b)`` with a basis."""
+        if self.basis is None:
+            return float(G.abs().max())
+        gw = G[:, : self.d] @ self.basis.T
+        out = float(gw.abs().max())
+        if self.fit_intercept:
+            out = max(out, float(G[:, self.d].abs().max()))
+        return out
+
     # -- sizes ----------------------------------------------------------------------------
     @property
     def d_aug(self) -> int:
         return self.d + int(self.fit_intercept)
+
+
+def reduce_features(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X Q, Q)`` with ``Xᵀ = Q T`` the thin QR factorisation (Q is ``d × n``), for dense X
+    with more features than samples.
+
+    X = Tᵀ Qᵀ, so the logits X Wᵀ = Tᵀ (W Q)ᵀ depend on W only through M = W Q, and
+    ‖W‖² = ‖M‖² + ‖W − M Qᵀ‖²: the optimum has W = M Qᵀ with M the optimum of the same
+    problem on the ``n × n`` data Tᵀ = X Q, and every gradient, Hessian product and Newton
+    step of the reduced problem is that of the full one restricted to the row space of X.
+    O(n² d) once; every later product costs n instead of d per sample.
+    """
+    Q, T = torch.linalg.qr(X.T)
+    return T.T.contiguous(), Q
 
 
 def _centre(W: torch.Tensor) -> torch.Tensor:
@@ -652,7 +692,7 @@ def newton(
     eps = torch.finfo(prob.dtype).eps
     converged = False
     it = 0
-    gmax = float(G.abs().max())
+    gmax = prob.grad_max(G)
     while True:
         if not math.isfinite(gmax):
             raise FloatingPointError("the gradient is not finite; scale X or lower C")
@@ -704,7 +744,7 @@ def newton(
             W, b = split(theta)
             return NewtonResult(W.contiguous(), b.contiguous(), it, False, f, gmax, solver)
         theta, f, PT, G = theta_n, fn_, Pn, Gn
-        gmax = float(G.abs().max())
+        gmax = prob.grad_max(G)
         if verbose:
             print(f"  Newton iteration {it}: f = {f:.12g}, max|g| = {gmax:.3g}, step = {t:g}")
     W, b = split(theta)
