@@ -387,8 +387,8 @@ def _choose(solver, n, d, k, **kw):
 
 
 def test_auto_regime_choice():
-    # Kd' = 63: the whole Hessian is cheaper than a few Hessian-vector products
-    assert _choose("auto", 5000, 20, 3) == "primal"
+    # Kd' = 18: the whole Hessian is cheaper than a few Hessian-vector products
+    assert _choose("auto", 500, 5, 3) == "primal"
     # n(K−1) = 180 ≪ Kd' = 10010: the Gram matrix is small
     assert _choose("auto", 20, 1000, 10) == "dual"
     assert _choose("auto", 20, 1000, 10, penalised=False) != "dual"

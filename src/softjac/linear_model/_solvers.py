@@ -69,9 +69,11 @@ _REDUCE_RATIO = 1.5
 _FORCING = 0.3
 _FULL_KRON_MAX_D = 512
 # The cost model of the regimes (see solver_cost): Hessian-vector products per Newton–CG
-# step, their cost per flop relative to a large GEMM, and the fixed cost of one CG
+# step, counting the objective and gradient of the step as one more (4–10 were measured
+# with the forcing term below; Newton–CG also takes about one more step than the exact
+# regimes), their cost per flop relative to a large GEMM, and the fixed cost of one CG
 # iteration (a dozen small tensor operations) in flop-equivalents.
-_CG_PRODUCTS = 12
+_CG_PRODUCTS = 5
 _HVP_WEIGHT = 3.0
 _CG_OVERHEAD = 2e6
 # A Cholesky factorisation's flops cost about this many GEMM flops (less parallel, and
@@ -367,8 +369,11 @@ def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsi
     if solver == "newton-cg":
         hvp = _HVP_WEIGHT * 4.0 * n * da * k + _CG_OVERHEAD
         work = (_CG_PRODUCTS + 2) * hvp + 2.0 * n * k * k
+        if _full_kronecker_pays(n, da, k, False):
+            work += 2.0 * n * da * da + _CHOLESKY_WEIGHT * da**3
         chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * itemsize)))
-        mem = (8.0 * n * k + chunk * d + 10.0 * p) * itemsize
+        copy = n * da if n * da * itemsize <= _AUGMENT_BYTES else chunk * d
+        mem = (8.0 * n * k + copy + 10.0 * p + 2.0 * da * da) * itemsize
         return work, mem
     raise ValueError(solver)
 
