@@ -68,6 +68,9 @@ _REDUCE_RATIO = 1.5
 # Kronecker preconditioner.
 _FORCING = 0.3
 _FULL_KRON_MAX_D = 512
+# The full Kronecker preconditioner's d' × d' matrix is estimated from at most this many
+# samples.
+_KRON_ROWS = 4096
 # The cost model of the regimes (see solver_cost): Hessian-vector products per Newton–CG
 # step, counting the objective and gradient of the step as one more (4–10 were measured
 # with the forcing term below; Newton–CG also takes about one more step than the exact
@@ -370,7 +373,7 @@ def solver_cost(solver: str, n: int, d: int, k: int, fit_intercept: bool, itemsi
         hvp = _HVP_WEIGHT * 4.0 * n * da * k + _CG_OVERHEAD
         work = (_CG_PRODUCTS + 2) * hvp + 2.0 * n * k * k
         if _full_kronecker_pays(n, da, k, False):
-            work += 2.0 * n * da * da + _CHOLESKY_WEIGHT * da**3
+            work += 2.0 * min(n, _KRON_ROWS) * da * da + _CHOLESKY_WEIGHT * da**3
         chunk = max(1, min(n, _CHUNK_BYTES // max(1, d * itemsize)))
         copy = n * da if n * da * itemsize <= _AUGMENT_BYTES else chunk * d
         mem = (8.0 * n * k + copy + 10.0 * p + 2.0 * da * da) * itemsize
@@ -562,8 +565,9 @@ class _FullKroneckerPreconditioner:
     """``(A ⊗ J̃ + λI)⁻¹`` with ``A = Σ_i c_i w_i x̃_i x̃_iᵀ`` (``d' × d'``), ``w_i = tr J_i =
     1 − ‖p_i‖²`` and ``J̃ = J̄ / tr J̄``: the Hessian itself when every J_i is a multiple of
     one matrix, so it captures the correlations between features that the block-diagonal
-    one ignores. Per Newton step one ``d' × d'`` product over the data, O(n d'²), and the
-    eigendecompositions of A and J̃, O(d'³ + K³); O(K d'² + K² d') per apply (four GEMMs):
+    one ignores. Per Newton step one ``d' × d'`` product over at most ``_KRON_ROWS`` samples,
+    O(min(n, _KRON_ROWS) d'²), and the eigendecompositions of A and J̃, O(d'³ + K³);
+    O(K d'² + K² d') per apply (four GEMMs):
     ``V ((Vᵀ R U) ∘ scale) Uᵀ``. λ is applied to the intercept column too (a preconditioner
     only needs to be symmetric positive definite)."""
 
@@ -578,7 +582,11 @@ class _FullKroneckerPreconditioner:
         Jt = Jbar / tr + 1.0 / (k * k)  # + (1/K)·11ᵀ/K: eigenvalue 1/K along 1
         mu, V = torch.linalg.eigh(Jt)
         XaT = prob.dense_aug_t()
-        w = prob.c * (1.0 - torch.linalg.vecdot(P, P)).clamp_min(0.0)
+        # A from every ⌈n / _KRON_ROWS⌉-th sample (scaled to the trace of J̄): a preconditioner
+        # needs only an estimate, and this keeps the set-up below a few products for large n.
+        stride = -(-prob.n // _KRON_ROWS)
+        XaT, Ps, cs = XaT[:, ::stride], P[::stride], prob.c[::stride]
+        w = cs * (1.0 - torch.linalg.vecdot(Ps, Ps)).clamp_min(0.0)
         A = (XaT * w) @ XaT.T * (tr / float(w.sum().clamp_min(1e-300)))
         s, U = torch.linalg.eigh(0.5 * (A + A.T))
         den = mu.unsqueeze(1) * s.clamp_min(0.0).unsqueeze(0) + prob.lam  # (K, d')
@@ -591,8 +599,8 @@ class _FullKroneckerPreconditioner:
 
 
 def _full_kronecker_pays(n: int, d_aug: int, k: int, sparse: bool) -> bool:
-    """The full Kronecker preconditioner when its per-step product over the data (n d'²)
-    costs at most about four Hessian-vector products (2 n d' K each) and d' is small."""
+    """The full Kronecker preconditioner when its per-step product over the (sampled) data,
+    at most n d'², costs at most about four Hessian-vector products (2 n d' K each)."""
     return not sparse and d_aug <= min(8 * k, _FULL_KRON_MAX_D)
 
 
