@@ -208,7 +208,8 @@ def test_matches_sklearn_binary(solver, C):
 def test_regimes_agree_where_d_exceeds_n():
     X, y = _data(n=20, d=40, k=5, seed=3)
     fits = {s: SoftmaxRegression(C=0.5, tol=1e-12, solver=s).fit(X, y) for s in SOLVERS}
-    assert SoftmaxRegression(C=0.5).fit(X, y).solver_ == "dual"  # n(K−1) = 80 < Kd' = 205
+    # on the row space of X (d = n = 20): n(K−1) = 80 < Kd' = 105
+    assert SoftmaxRegression(C=0.5).fit(X, y).solver_ == "dual"
     for s in ("dual", "newton-cg"):
         assert _rel(fits[s].coef_, fits["primal"].coef_) <= 1e-9
         assert _rel(fits[s].intercept_, fits["primal"].intercept_) <= 1e-9
@@ -268,6 +269,24 @@ def test_full_kronecker_preconditioner_inverts_the_hessian_when_probabilities_ag
     PT = P.T.contiguous()
     HV = prob.hvp(PT, PT * c, V)
     assert float((pre(HV) - V).abs().max()) <= 1e-12 * float(V.abs().max())
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_newton_cg_without_the_copy_of_x_and_with_a_sampled_preconditioner(
+    monkeypatch, fit_intercept
+):
+    # Over the copy budget X and the intercept column are multiplied separately, and the
+    # full Kronecker preconditioner is estimated from every ⌈n / rows⌉-th sample.
+    import softjac.linear_model._solvers as solvers
+
+    monkeypatch.setattr(solvers, "_AUGMENT_BYTES", 0)
+    monkeypatch.setattr(solvers, "_KRON_ROWS", 40)
+    X, y = _data(n=150, d=6, k=4, seed=11)
+    m = SoftmaxRegression(fit_intercept=fit_intercept, tol=1e-11, solver="newton-cg").fit(X, y)
+    ref = _sklearn(X, y, 1.0, fit_intercept)
+    assert _rel(m.coef_, ref.coef_) <= 1e-6
+    if fit_intercept:
+        assert _rel(m.intercept_, ref.intercept_) <= 1e-6
 
 
 def test_sample_weight_equals_repetition():

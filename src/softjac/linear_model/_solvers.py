@@ -236,14 +236,14 @@ class Problem:
             return self.xtr(R)
         return torch.cat([self.xtr(R), R.sum(0).unsqueeze(1)], dim=1)
 
-    def dense_aug_t(self) -> torch.Tensor:
-        """``X̃ᵀ``, ``(d', n)``."""
+    def aug_t_rows(self, stride: int) -> torch.Tensor:
+        """``X̃ᵀ`` of every ``stride``-th sample, ``(d', ⌈n / stride⌉)``."""
         if self.XaT is not None:
-            return self.XaT
-        Xd = self.dense_x()
+            return self.XaT[:, ::stride]
+        Xs = self.dense_x()[::stride]
         if self.fit_intercept:
-            Xd = torch.cat([Xd, Xd.new_ones(self.n, 1)], dim=1)
-        return Xd.T
+            Xs = torch.cat([Xs, Xs.new_ones(Xs.shape[0], 1)], dim=1)
+        return Xs.T
 
     # -- objective ------------------------------------------------------------------------
     def logits(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -581,11 +581,10 @@ class _FullKroneckerPreconditioner:
             tr = 1.0
         Jt = Jbar / tr + 1.0 / (k * k)  # + (1/K)·11ᵀ/K: eigenvalue 1/K along 1
         mu, V = torch.linalg.eigh(Jt)
-        XaT = prob.dense_aug_t()
         # A from every ⌈n / _KRON_ROWS⌉-th sample (scaled to the trace of J̄): a preconditioner
         # needs only an estimate, and this keeps the set-up below a few products for large n.
         stride = -(-prob.n // _KRON_ROWS)
-        XaT, Ps, cs = XaT[:, ::stride], P[::stride], prob.c[::stride]
+        XaT, Ps, cs = prob.aug_t_rows(stride), P[::stride], prob.c[::stride]
         w = cs * (1.0 - torch.linalg.vecdot(Ps, Ps)).clamp_min(0.0)
         A = (XaT * w) @ XaT.T * (tr / float(w.sum().clamp_min(1e-300)))
         s, U = torch.linalg.eigh(0.5 * (A + A.T))
