@@ -289,6 +289,22 @@ def test_newton_cg_without_the_copy_of_x_and_with_a_sampled_preconditioner(
         assert _rel(m.intercept_, ref.intercept_) <= 1e-6
 
 
+def test_blocked_gradient_product_and_fit(monkeypatch):
+    # Rᵀ X̃ accumulated over column blocks of X̃ᵀ (long data) equals the one product.
+    import softjac.linear_model._solvers as solvers
+
+    X, y = _data(n=150, d=6, k=4, seed=12)
+    Xt = torch.as_tensor(X)
+    c = torch.full((150,), 1 / 150, dtype=torch.float64)
+    RT = torch.randn(4, 150, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Xa = torch.cat([Xt, torch.ones(150, 1, dtype=torch.float64)], dim=1)
+    monkeypatch.setattr(solvers, "_XTR_CHUNK", 16)
+    prob = Problem(Xt, torch.as_tensor(y), c, 4, 0.01, True)
+    torch.testing.assert_close(prob.xtr_t(RT), RT @ Xa, rtol=1e-13, atol=1e-13)
+    m = SoftmaxRegression(tol=1e-11, solver="newton-cg").fit(X, y)
+    assert _rel(m.coef_, _sklearn(X, y).coef_) <= 1e-6
+
+
 def test_sample_weight_equals_repetition():
     X, y = _data(n=60, seed=4)
     w = np.random.default_rng(0).integers(0, 4, len(y))
