@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_softmax_regression.py [--quick] [--json PATH] [--rounds R]
         [--newton-cholesky-timeout S] [--newton-cholesky-max-params P] [--threads T]
         [--cases NAME ...] [--solvers auto primal ...] [--no-time-to-target]
+        [--interleaved R]
 """
 
 from __future__ import annotations
@@ -293,6 +294,49 @@ def run_case(
     return rows
 
 
+def interleaved(name, X, y, *, tol, C, rounds):
+    """Rounds that alternate softjac ``auto``, scikit-learn ``lbfgs`` and ``newton-cg`` on one
+    case, so that all three see the same background load; the per-round ratios
+    (scikit-learn's time over softjac's) are the robust comparison on a shared machine."""
+    fits = {
+        "softjac auto": lambda: _fit_softjac("auto", X, y, tol, C, 200),
+        "sklearn lbfgs": lambda: _fit_sklearn("lbfgs", X, y, tol, C, 10000),
+        "sklearn newton-cg": lambda: _fit_sklearn("newton-cg", X, y, tol, C, 10000),
+    }
+    for fn in fits.values():  # warm-up
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in fits}
+    cpu: dict[str, list[float]] = {k: [] for k in fits}
+    for _ in range(rounds):
+        for key, fn in fits.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    sj = np.array(wall["softjac auto"])
+    out = {"case": name, "rounds": rounds, "tol": tol}
+    for key in fits:
+        out[f"{key} median_s"] = float(np.median(wall[key]))
+        out[f"{key} cpu_median_s"] = float(np.median(cpu[key]))
+    for key in ("sklearn lbfgs", "sklearn newton-cg"):
+        ratio = np.array(wall[key]) / sj
+        out[f"{key} / softjac median ratio"] = float(np.median(ratio))
+        out[f"{key} / softjac p20 ratio"] = float(np.percentile(ratio, 20))
+        out[f"{key} / softjac p80 ratio"] = float(np.percentile(ratio, 80))
+    fastest = np.minimum(np.array(wall["sklearn lbfgs"]), np.array(wall["sklearn newton-cg"]))
+    out["fastest sklearn / softjac median ratio"] = float(np.median(fastest / sj))
+    out["fastest sklearn / softjac p20 ratio"] = float(np.percentile(fastest / sj, 20))
+    print(
+        f"{name:>16} interleaved x{rounds}: softjac {np.median(sj):.4f} s, lbfgs "
+        f"{out['sklearn lbfgs median_s']:.4f} s, newton-cg "
+        f"{out['sklearn newton-cg median_s']:.4f} s; faster sklearn / softjac per round: "
+        f"median {out['fastest sklearn / softjac median ratio']:.2f}, "
+        f"p20 {out['fastest sklearn / softjac p20 ratio']:.2f}",
+        flush=True,
+    )
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the three named cases only")
@@ -314,6 +358,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--no-time-to-target", action="store_true", help="skip the time-to-equal-objective"
+    )
+    ap.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="R",
+        help="only R interleaved rounds of softjac auto / lbfgs / newton-cg per case",
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -344,6 +395,10 @@ def main(argv=None) -> int:
     rows = []
     for name, X, y, tol, sk in cases:
         if args.cases and name not in args.cases:
+            continue
+        if args.interleaved:
+            rows.append(interleaved(name, X, y, tol=tol, C=1.0, rounds=args.interleaved))
+            _write(args.json, rows, args.threads, skipped)
             continue
         rows += run_case(name, X, y, tol=tol, C=1.0, sk_solvers=sk, **common)
         _write(args.json, rows, args.threads, skipped)
