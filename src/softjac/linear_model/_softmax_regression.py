@@ -66,8 +66,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     * ``"dual"``: Woodbury through the ``n(K−1)`` Gram matrix ``(X Xᵀ) ∘ [F_iᵀ F_j]``
       (F_i F_iᵀ = diag p_i − p_i p_iᵀ): O((nK)² K + (nK)³) per step, no d² term; needs a
       finite C.
-    * ``"newton-cg"``: conjugate gradients on O(n d K) Hessian-vector products with the
-      exact K × K per-feature blocks as preconditioner; O(n (d + K) + d K²) memory.
+    * ``"newton-cg"``: conjugate gradients on O(n d K) Hessian-vector products, preconditioned
+      by a Kronecker approximation of H (the full d' × d' feature matrix for small d', its
+      diagonal otherwise); O(n (d + K) + d K²) memory.
+
+    Dense X with more than 1.5 times as many features as samples is first reduced, exactly,
+    to its row space (the thin QR factorisation of Xᵀ), so the regimes work on n × n data.
 
     ``solver="auto"`` picks the cheapest regime whose working memory fits ``max_bytes``; an
     explicit regime that does not fit raises ``MemoryError`` naming one that does.

@@ -27,12 +27,13 @@ Three regimes solve ``H Δ = −g`` exactly (up to the CG tolerance):
   ``K × (K−1)`` factor F_i F_iᵀ = c_i J_i; the intercepts by a K × K Schur complement.
   O((n(K−1))² K + (n(K−1))³) time, independent of d after the one ``X Xᵀ``; needs λ > 0.
 * ``newton-cg``: preconditioned CG on Hessian-vector products ``X̃ᵀ [c_i J_i (W̃ x̃_i)]``,
-  O(n d K) each. The preconditioner is block diagonal, one ``K × K`` block per feature,
-  ``s_j J̄ + λI`` with ``s_j = Σ_i c_i x_ij²`` and ``J̄ = Σ_i c_i J_i`` — the exact diagonal
-  block ``Σ_i c_i x_ij² J_i + λI`` with p_i replaced by its weighted mean; all blocks share
-  J̄'s eigenvectors, so it costs one K × K eigendecomposition per Newton step and two small
-  GEMMs per application. (The exact blocks cost O(n d K²) per step, about five
-  Hessian-vector products at K = 10, and saved at most 10–15 % of the products in trials.)
+  O(n d K) each, with X̃ᵀ stored once as ``(d', n)`` and the ``(K, n)`` work in arrays kept
+  for the fit. The preconditioner is a Kronecker approximation ``A ⊗ J̃ + λI`` of H: the
+  full ``d' × d'`` matrix A when d' ≤ 8K (``_FullKroneckerPreconditioner``), else its
+  diagonal (``_KroneckerPreconditioner``, one K × K block per feature). CG stops at
+  ``‖r‖ ≤ 0.3 ‖g‖`` or at ``max |r| ≤ tol / 4``.
+
+Dense X with d > 1.5 n is first reduced, exactly, to its row space (``reduce_features``).
 """
 
 from __future__ import annotations
