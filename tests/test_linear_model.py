@@ -29,6 +29,7 @@ from softjac.linear_model._solvers import (
     _FullKroneckerPreconditioner,
     choose_solver,
     reduced_factor,
+    serial_if_small,
     step_dual,
     step_newton_cg,
     step_primal,
@@ -303,6 +304,30 @@ def test_blocked_gradient_product_and_fit(monkeypatch):
     torch.testing.assert_close(prob.xtr_t(RT), RT @ Xa, rtol=1e-13, atol=1e-13)
     m = SoftmaxRegression(tol=1e-11, solver="newton-cg").fit(X, y)
     assert _rel(m.coef_, _sklearn(X, y).coef_) <= 1e-6
+
+
+def test_small_fits_run_on_one_thread_and_restore_the_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpu = torch.device("cpu")
+        with serial_if_small(cpu, 1000):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with serial_if_small(cpu, 10**9):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), serial_if_small(cpu, 1000):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        X, y = _data(n=40, d=30, k=4)
+        with pytest.raises(MemoryError):
+            SoftmaxRegression(solver="primal", max_bytes=100_000).fit(X, y)
+        assert torch.get_num_threads() == 2
+        m = SoftmaxRegression(tol=1e-10).fit(X, y)
+        assert torch.get_num_threads() == 2
+        assert _rel(m.coef_, _sklearn(X, y).coef_) <= 1e-6
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sample_weight_equals_repetition():

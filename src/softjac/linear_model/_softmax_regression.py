@@ -28,6 +28,7 @@ from softjac.linear_model._solvers import (
     choose_solver,
     newton,
     reduce_features,
+    serial_if_small,
 )
 
 __all__ = ["SoftmaxRegression"]
@@ -233,16 +234,54 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         c = torch.as_tensor(sw / sw_sum, dtype=dtype, device=device)
         y_t = torch.as_tensor(y_enc.astype(np.int64), device=device)
         d_full = Xc.shape[1]
-        W0, b0 = self._initial(k, d_full, dtype, device, binary)
-        basis = None
-        if Xc.layout == torch.strided and d_full > _REDUCE_RATIO * n:
+        # Small problems run on one thread (see serial_if_small); the reduction to the row
+        # space of X caps the width at n.
+        with serial_if_small(device, n * min(d_full, n) * k):
+            res, basis, W_perp, solver = self._solve(Xc, y_t, c, k, lam, binary, n, fn)
+        if not res.converged and res.n_iter >= self.max_iter:
+            warnings.warn(
+                f"`{fn}`: Newton's method did not converge in max_iter={self.max_iter} "
+                f"iterations (max |gradient| = {res.grad_max:.3g} > tol = {self.tol}). "
+                "Increase `max_iter`, or standardise X.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        W, b = res.coef, res.intercept
+        if basis is not None:
+            # Without a penalty the component of a warm start outside the row space of X
+            # changes no logit and no gradient: it is kept, as the full problem would.
+            W = W @ basis.T + (W_perp if lam == 0 and W_perp is not None else 0.0)
+        if binary:
+            W = (W[1] - W[0]).unsqueeze(0)
+            b = (b[1] - b[0]).unsqueeze(0)
+        if not self.fit_intercept:
+            b = torch.zeros_like(b)
+        self.classes_ = classes
+        if torch_in:
+            self.coef_ = W.contiguous()
+            self.intercept_ = b.contiguous()
+        else:
+            self.coef_ = W.cpu().numpy()
+            self.intercept_ = b.cpu().numpy()
+        self.n_iter_ = int(res.n_iter)
+        self.solver_ = solver
+        self.objective_ = float(res.objective)
+        return self
+
+    def _solve(self, Xc, y_t, c, k, lam, binary, n, fn):
+        """The regime choice and Newton's method (after the row-space reduction when d > n);
+        returns the result, the basis and the start's part outside it, and the regime."""
+        n_feat = Xc.shape[1]
+        W0, b0 = self._initial(k, n_feat, Xc.dtype, Xc.device, binary)
+        basis, W_perp = None, None
+        if Xc.layout == torch.strided and n_feat > _REDUCE_RATIO * n:
             # More features than samples: solve on the row space of X (exact; see
             # reduce_features) and map back.
             Xc, basis = reduce_features(Xc)
             W_perp = W0 - (W0 @ basis) @ basis.T
             W0 = W0 @ basis
         prob = Problem(Xc, y_t, c, k, lam, bool(self.fit_intercept), basis=basis)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = Xc.element_size()
         solver = choose_solver(
             self.solver,
             n,
@@ -266,35 +305,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             max_iter=int(self.max_iter),
             verbose=int(self.verbose),
         )
-        if not res.converged and res.n_iter >= self.max_iter:
-            warnings.warn(
-                f"`{fn}`: Newton's method did not converge in max_iter={self.max_iter} "
-                f"iterations (max |gradient| = {res.grad_max:.3g} > tol = {self.tol}). "
-                "Increase `max_iter`, or standardise X.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        W, b = res.coef, res.intercept
-        if basis is not None:
-            # Without a penalty the component of a warm start outside the row space of X
-            # changes no logit and no gradient: it is kept, as the full problem would.
-            W = W @ basis.T + (W_perp if lam == 0 else 0.0)
-        if binary:
-            W = (W[1] - W[0]).unsqueeze(0)
-            b = (b[1] - b[0]).unsqueeze(0)
-        if not self.fit_intercept:
-            b = torch.zeros_like(b)
-        self.classes_ = classes
-        if torch_in:
-            self.coef_ = W.contiguous()
-            self.intercept_ = b.contiguous()
-        else:
-            self.coef_ = W.cpu().numpy()
-            self.intercept_ = b.cpu().numpy()
-        self.n_iter_ = int(res.n_iter)
-        self.solver_ = solver
-        self.objective_ = float(res.objective)
-        return self
+        return res, basis, W_perp, solver
 
     def _initial(self, k, d, dtype, device, binary):
         W0 = torch.zeros(k, d, dtype=dtype, device=device)

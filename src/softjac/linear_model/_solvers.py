@@ -38,8 +38,10 @@ Dense X with d > 1.5 n is first reduced, exactly, to its row space (``reduce_fea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,7 @@ __all__ = [
     "newton",
     "reduce_features",
     "reduced_factor",
+    "serial_if_small",
 ]
 
 SOLVERS = ("auto", "primal", "dual", "newton-cg")
@@ -65,6 +68,11 @@ _AUGMENT_BYTES = 2**30
 # Dense X with more than this many times as many features as samples is reduced to its
 # row space first (reduce_features).
 _REDUCE_RATIO = 1.5
+# CPU fits whose products with X have fewer multiply-adds than this (n · min(d, n) · K) run
+# on one thread: their tensors are too small for parallel regions to pay, and on a busy host
+# every parallel region waits for a descheduled thread (two threads made such fits 10–100×
+# slower on this project's shared 2-core machine).
+_SERIAL_WORK = 2**21
 # Rᵀ X̃ over more than 2·_XTR_CHUNK samples is accumulated over blocks of that many.
 _XTR_CHUNK = 8192
 # Newton–CG: the forcing term η (CG stops at ‖r‖ ≤ η‖g‖) and the largest d' for the full
@@ -342,6 +350,23 @@ class Problem:
     @property
     def d_aug(self) -> int:
         return self.d + int(self.fit_intercept)
+
+
+@contextlib.contextmanager
+def serial_if_small(device: torch.device, work: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(1)`` when ``device`` is the CPU and ``work``
+    (multiply-adds per product with X) is below ``_SERIAL_WORK``; restores the thread count
+    afterwards. The setting is process-wide: torch work in other Python threads during
+    the fit runs on one thread too."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or work >= _SERIAL_WORK or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def reduce_features(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
