@@ -73,6 +73,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
     Dense X with more than 1.5 times as many features as samples is first reduced, exactly,
     to its row space (the thin QR factorisation of Xᵀ), so the regimes work on n × n data.
+    On the CPU, small problems (fewer than 2²¹ multiply-adds per product with X) are fitted
+    with ``torch.set_num_threads(1)``, restored afterwards: the setting is process-wide
+    for the duration of the fit.
 
     ``solver="auto"`` picks the cheapest regime whose working memory fits ``max_bytes``; an
     explicit regime that does not fit raises ``MemoryError`` naming one that does.
