@@ -18,12 +18,15 @@ Usage::
 
     python benchmarks/bench_softmax_regression.py [--quick] [--json PATH] [--rounds R]
         [--newton-cholesky-timeout S] [--newton-cholesky-max-params P] [--threads T]
-        [--cases NAME ...]
+        [--cases NAME ...] [--solvers auto primal ...] [--no-time-to-target]
+        [--interleaved R]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import platform
@@ -33,6 +36,7 @@ import warnings
 from datetime import datetime, timezone
 
 import numpy as np
+import threadpoolctl
 import torch
 from sklearn.datasets import load_digits, make_classification
 from sklearn.exceptions import ConvergenceWarning
@@ -87,19 +91,47 @@ def _fit_sklearn(solver, X, y, tol, C, max_iter):
     return m.coef_, m.intercept_, int(np.max(m.n_iter_))
 
 
-def _fit_softjac(solver, X, y, tol, C, max_iter):
+def _fit_softjac(solver, X, y, tol, C, max_iter, verbose=0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        m = SoftmaxRegression(C=C, tol=tol, solver=solver, max_iter=max_iter).fit(X, y)
+        m = SoftmaxRegression(C=C, tol=tol, solver=solver, max_iter=max_iter, verbose=verbose)
+        m.fit(X, y)
     return m.coef_, m.intercept_, m.n_iter_, m.solver_
 
 
+def _steps_to_target(X, y, tol, C, f_ref, target):
+    """``(j, tol')``: the fewest Newton steps j after which softjac's ``auto`` fit at
+    tolerance tol' has f − f* ≤ target, trying tol' = tol, tol / 10, tol / 100, tol / 1000
+    (its fit at tol may stop short of the target); None when none gets there."""
+    for t in (tol, tol / 10, tol / 100, tol / 1000):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _fit_softjac("auto", X, y, t, C, 200, verbose=1)
+        for line in buf.getvalue().splitlines():
+            if line.strip().startswith("Newton iteration"):
+                j = int(line.split()[2].rstrip(":"))
+                f = float(line.split("f = ")[1].split(",")[0])
+                if f - f_ref <= target * 1.5:
+                    # the printed f is the solver's; the NumPy objective decides
+                    coef, icpt, _, _ = _fit_softjac("auto", X, y, t, C, j)
+                    if _objective(X, y, coef, icpt, C) - f_ref <= target:
+                        return j, t
+    return None, None
+
+
+_CPU: list[float] = []  # process CPU seconds of the fits of the last _time call
+
+
 def _time(fn, rounds, slow):
+    """Wall-clock seconds of ``rounds`` calls (and their CPU seconds in ``_CPU``)."""
     times, out = [], None
+    _CPU.clear()
     for _ in range(rounds):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+        _CPU.append(time.process_time() - c0)
         if times[-1] > slow:
             break
     return np.array(times), out
@@ -107,6 +139,7 @@ def _time(fn, rounds, slow):
 
 def _nc_worker(q, X, y, tol, C, max_iter, threads):
     torch.set_num_threads(threads)
+    threadpoolctl.threadpool_limits(threads)
     t0 = time.perf_counter()
     coef, icpt, n_iter = _fit_sklearn("newton-cholesky", X, y, tol, C, max_iter)
     q.put((time.perf_counter() - t0, coef, icpt, n_iter))
@@ -133,7 +166,20 @@ def _reference(X, y, C):
 
 
 def run_case(
-    name, X, y, *, tol, C, rounds, slow, nc_timeout, nc_max_params, threads, sk_solvers, sj_solvers
+    name,
+    X,
+    y,
+    *,
+    tol,
+    C,
+    rounds,
+    slow,
+    nc_timeout,
+    nc_max_params,
+    threads,
+    sk_solvers,
+    sj_solvers,
+    time_to_target=True,
 ):
     n, d = X.shape
     k = len(np.unique(y))
@@ -141,8 +187,9 @@ def run_case(
     f_ref = _objective(X, y, ref_coef, ref_icpt, C)
     rows = []
 
-    def row(lib, solver, times, coef, icpt, n_iter, note=""):
+    def row(lib, solver, times, coef, icpt, n_iter, note="", cpu=None):
         f = _objective(X, y, coef, icpt, C)
+        cpu = list(_CPU) if cpu is None else cpu
         r = {
             "case": name,
             "n": n,
@@ -155,6 +202,7 @@ def run_case(
             "p20_s": float(np.percentile(times, 20)),
             "p80_s": float(np.percentile(times, 80)),
             "rounds": len(times),
+            "cpu_median_s": float(np.median(cpu)) if cpu else None,
             "objective": f,
             "objective_excess": f - f_ref,
             "max_abs_coef_diff": float(np.abs(coef - ref_coef).max()),
@@ -164,6 +212,7 @@ def run_case(
         rows.append(r)
         print(
             f"{name:>16} {lib:>8} {solver:>16} {r['median_s']:9.4f}s "
+            f"(cpu {r['cpu_median_s'] or float('nan'):.4f}s) "
             f"[{r['p20_s']:.4f}, {r['p80_s']:.4f}] x{len(times)}  f-f*={f - f_ref:+.1e} "
             f"|Δcoef|={r['max_abs_coef_diff']:.1e} it={n_iter} {note}",
             flush=True,
@@ -207,7 +256,7 @@ def run_case(
                 print(f"{name:>16}  sklearn  newton-cholesky  > {nc_timeout} s (killed)")
                 continue
             t, coef, icpt, it = res
-            r = row("sklearn", s, np.array([t]), coef, icpt, it, "one run")
+            r = row("sklearn", s, np.array([t]), coef, icpt, it, "one run", cpu=[])
         else:
             times, (coef, icpt, it) = _time(
                 lambda s=s: _fit_sklearn(s, X, y, tol, C, 10000), rounds, slow
@@ -215,7 +264,77 @@ def run_case(
             r = row("sklearn", s, times, coef, icpt, it)
         if r["objective_excess"] < -1e-10 * abs(f_ref):
             raise SystemExit(f"the reference optimum is not optimal: {r}")
+    # time to equal objective: scikit-learn's fastest solver's f − f* as the target
+    sk_rows = [r for r in rows if r["library"] == "sklearn" and r.get("median_s") is not None]
+    auto = [r for r in rows if r["library"] == "softjac" and r["solver"].startswith("auto")]
+    if sk_rows and auto and time_to_target:
+        fastest = min(sk_rows, key=lambda r: r["median_s"])
+        target = max(fastest["objective_excess"], 0.0)
+        j, t = _steps_to_target(X, y, tol, C, f_ref, target)
+        a = auto[0]
+        a["target"] = target
+        a["target_solver"] = fastest["solver"]
+        a["steps_to_target"] = j
+        a["tol_to_target"] = t
+        if j is None:
+            a["time_to_target_s"] = None
+        elif t == tol and j >= a["n_iter"]:
+            a["time_to_target_s"] = a["median_s"]
+            a["cpu_to_target_s"] = a["cpu_median_s"]
+        else:
+            times, _ = _time(lambda: _fit_softjac("auto", X, y, t, C, j), rounds, slow)
+            a["time_to_target_s"] = float(np.median(times))
+            a["cpu_to_target_s"] = float(np.median(_CPU))
+        print(
+            f"{name:>16} softjac auto reaches f-f* <= {target:.1e} ({fastest['solver']}'s, "
+            f"{fastest['median_s']:.4f} s) after {j} steps at tol {t} in "
+            f"{a['time_to_target_s']} s",
+            flush=True,
+        )
     return rows
+
+
+def interleaved(name, X, y, *, tol, C, rounds):
+    """Rounds that alternate softjac ``auto``, scikit-learn ``lbfgs`` and ``newton-cg`` on one
+    case, so that all three see the same background load; the per-round ratios
+    (scikit-learn's time over softjac's) are the robust comparison on a shared machine."""
+    fits = {
+        "softjac auto": lambda: _fit_softjac("auto", X, y, tol, C, 200),
+        "sklearn lbfgs": lambda: _fit_sklearn("lbfgs", X, y, tol, C, 10000),
+        "sklearn newton-cg": lambda: _fit_sklearn("newton-cg", X, y, tol, C, 10000),
+    }
+    for fn in fits.values():  # warm-up
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in fits}
+    cpu: dict[str, list[float]] = {k: [] for k in fits}
+    for _ in range(rounds):
+        for key, fn in fits.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    sj = np.array(wall["softjac auto"])
+    out = {"case": name, "rounds": rounds, "tol": tol}
+    for key in fits:
+        out[f"{key} median_s"] = float(np.median(wall[key]))
+        out[f"{key} cpu_median_s"] = float(np.median(cpu[key]))
+    for key in ("sklearn lbfgs", "sklearn newton-cg"):
+        ratio = np.array(wall[key]) / sj
+        out[f"{key} / softjac median ratio"] = float(np.median(ratio))
+        out[f"{key} / softjac p20 ratio"] = float(np.percentile(ratio, 20))
+        out[f"{key} / softjac p80 ratio"] = float(np.percentile(ratio, 80))
+    fastest = np.minimum(np.array(wall["sklearn lbfgs"]), np.array(wall["sklearn newton-cg"]))
+    out["fastest sklearn / softjac median ratio"] = float(np.median(fastest / sj))
+    out["fastest sklearn / softjac p20 ratio"] = float(np.percentile(fastest / sj, 20))
+    print(
+        f"{name:>16} interleaved x{rounds}: softjac {np.median(sj):.4f} s, lbfgs "
+        f"{out['sklearn lbfgs median_s']:.4f} s, newton-cg "
+        f"{out['sklearn newton-cg median_s']:.4f} s; faster sklearn / softjac per round: "
+        f"median {out['fastest sklearn / softjac median ratio']:.2f}, "
+        f"p20 {out['fastest sklearn / softjac p20 ratio']:.2f}",
+        flush=True,
+    )
+    return out
 
 
 def main(argv=None) -> int:
@@ -234,15 +353,30 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--max-elements", type=float, default=5e7, help="largest n·d in the table")
     ap.add_argument("--cases", nargs="*", help="only these case names")
+    ap.add_argument(
+        "--solvers", nargs="*", default=list(SJ_SOLVERS), help="softjac regimes to time"
+    )
+    ap.add_argument(
+        "--no-time-to-target", action="store_true", help="skip the time-to-equal-objective"
+    )
+    ap.add_argument(
+        "--interleaved",
+        type=int,
+        default=0,
+        metavar="R",
+        help="only R interleaved rounds of softjac auto / lbfgs / newton-cg per case",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    threadpoolctl.threadpool_limits(args.threads)
     common = dict(
         rounds=args.rounds,
         slow=args.slow,
         nc_timeout=args.newton_cholesky_timeout,
         nc_max_params=args.newton_cholesky_max_params,
         threads=args.threads,
-        sj_solvers=SJ_SOLVERS,
+        sj_solvers=args.solvers,
+        time_to_target=not args.no_time_to_target,
     )
     cases = [
         ("n100_d1000", *_data(100, 1000, 10), 1e-5, SK_SOLVERS),
@@ -261,6 +395,10 @@ def main(argv=None) -> int:
     rows = []
     for name, X, y, tol, sk in cases:
         if args.cases and name not in args.cases:
+            continue
+        if args.interleaved:
+            rows.append(interleaved(name, X, y, tol=tol, C=1.0, rounds=args.interleaved))
+            _write(args.json, rows, args.threads, skipped)
             continue
         rows += run_case(name, X, y, tol=tol, C=1.0, sk_solvers=sk, **common)
         _write(args.json, rows, args.threads, skipped)

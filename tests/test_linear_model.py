@@ -26,8 +26,10 @@ from softjac import _reference, fisher_sqrt
 from softjac.linear_model import SoftmaxRegression
 from softjac.linear_model._solvers import (
     Problem,
+    _FullKroneckerPreconditioner,
     choose_solver,
     reduced_factor,
+    serial_if_small,
     step_dual,
     step_newton_cg,
     step_primal,
@@ -207,12 +209,125 @@ def test_matches_sklearn_binary(solver, C):
 def test_regimes_agree_where_d_exceeds_n():
     X, y = _data(n=20, d=40, k=5, seed=3)
     fits = {s: SoftmaxRegression(C=0.5, tol=1e-12, solver=s).fit(X, y) for s in SOLVERS}
-    assert SoftmaxRegression(C=0.5).fit(X, y).solver_ == "dual"  # n(K−1) = 80 < Kd' = 205
+    # on the row space of X (d = n = 20): n(K−1) = 80 < Kd' = 105
+    assert SoftmaxRegression(C=0.5).fit(X, y).solver_ == "dual"
     for s in ("dual", "newton-cg"):
         assert _rel(fits[s].coef_, fits["primal"].coef_) <= 1e-9
         assert _rel(fits[s].intercept_, fits["primal"].intercept_) <= 1e-9
     ref = _sklearn(X, y, 0.5)
     assert _rel(fits["dual"].coef_, ref.coef_) <= 1e-6
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_more_features_than_samples_matches_sklearn_and_the_full_gradient(solver):
+    # d = 60 > 1.5 n: the fit runs on the row space of X (n × n data) and maps back.
+    X, y = _data(n=25, d=60, k=4, seed=8)
+    sw = np.random.default_rng(2).uniform(0.5, 2, len(y))
+    ref = _sklearn(X, y, 0.7, sample_weight=sw)
+    m = SoftmaxRegression(C=0.7, tol=1e-10, solver=solver).fit(X, y, sample_weight=sw)
+    assert m.coef_.shape == (4, 60)
+    assert _rel(m.coef_, ref.coef_) <= 1e-6
+    assert _rel(m.intercept_, ref.intercept_) <= 1e-6
+    # max |∇f| ≤ tol in the original coordinates, by autograd on F.cross_entropy
+    W = torch.tensor(m.coef_, requires_grad=True)
+    b = torch.tensor(m.intercept_, requires_grad=True)
+    c = torch.as_tensor(sw / sw.sum())
+    z = torch.as_tensor(X) @ W.T + b
+    loss = (c * F.cross_entropy(z, torch.as_tensor(y), reduction="none")).sum()
+    loss = loss + (W * W).sum() / (2 * 0.7 * sw.sum())
+    gw, gb = torch.autograd.grad(loss, (W, b))
+    assert max(float(gw.abs().max()), float(gb.abs().max())) <= 1e-10 * (1 + 1e-6)
+
+
+def test_more_features_than_samples_warm_start_without_penalty_keeps_the_start():
+    # Without a penalty, the part of W outside the row space of X changes no logit; a
+    # fit with max_iter=0 must hand back the starting coefficients unchanged.
+    X, y = _data(n=10, d=30, k=3, seed=9)
+    m = SoftmaxRegression(C=INF, warm_start=True, max_iter=0)
+    m.coef_ = np.random.default_rng(1).standard_normal((3, 30))
+    m.coef_ -= m.coef_.mean(0)
+    m.intercept_ = np.array([0.5, -0.25, -0.25])
+    start = m.coef_.copy()
+    with pytest.warns(ConvergenceWarning):
+        m.fit(X, y)
+    np.testing.assert_allclose(m.coef_, start, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_kronecker_preconditioner_inverts_the_hessian_when_probabilities_agree(weighted):
+    # W = 0 gives every sample the same p, so J_i = J and H = (X̃ᵀ C X̃) ⊗ J + λI_W exactly;
+    # without an intercept λ covers every coordinate and the preconditioner is H⁻¹ on
+    # the centred subspace.
+    X, y = _data(n=40, d=5, k=4, seed=10)
+    gen = torch.Generator().manual_seed(0)
+    c = torch.rand(40, generator=gen, dtype=torch.float64) + 0.1 if weighted else torch.ones(40)
+    c = (c / c.sum()).double()
+    prob = Problem(torch.as_tensor(X), torch.as_tensor(y), c, 4, 0.03, False)
+    W = torch.zeros(4, 5, dtype=torch.float64)
+    _, P = prob.value(W, prob.logits(W, torch.zeros(4, dtype=torch.float64)))
+    pre = _FullKroneckerPreconditioner(prob, P)
+    V = _centre(torch.randn(4, 5, generator=gen, dtype=torch.float64))
+    PT = P.T.contiguous()
+    HV = prob.hvp(PT, PT * c, V)
+    assert float((pre(HV) - V).abs().max()) <= 1e-12 * float(V.abs().max())
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_newton_cg_without_the_copy_of_x_and_with_a_sampled_preconditioner(
+    monkeypatch, fit_intercept
+):
+    # Over the copy budget X and the intercept column are multiplied separately, and the
+    # full Kronecker preconditioner is estimated from every ⌈n / rows⌉-th sample.
+    import softjac.linear_model._solvers as solvers
+
+    monkeypatch.setattr(solvers, "_AUGMENT_BYTES", 0)
+    monkeypatch.setattr(solvers, "_KRON_ROWS", 40)
+    X, y = _data(n=150, d=6, k=4, seed=11)
+    m = SoftmaxRegression(fit_intercept=fit_intercept, tol=1e-11, solver="newton-cg").fit(X, y)
+    ref = _sklearn(X, y, 1.0, fit_intercept)
+    assert _rel(m.coef_, ref.coef_) <= 1e-6
+    if fit_intercept:
+        assert _rel(m.intercept_, ref.intercept_) <= 1e-6
+
+
+def test_blocked_gradient_product_and_fit(monkeypatch):
+    # Rᵀ X̃ accumulated over column blocks of X̃ᵀ (long data) equals the one product.
+    import softjac.linear_model._solvers as solvers
+
+    X, y = _data(n=150, d=6, k=4, seed=12)
+    Xt = torch.as_tensor(X)
+    c = torch.full((150,), 1 / 150, dtype=torch.float64)
+    RT = torch.randn(4, 150, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    Xa = torch.cat([Xt, torch.ones(150, 1, dtype=torch.float64)], dim=1)
+    monkeypatch.setattr(solvers, "_XTR_CHUNK", 16)
+    prob = Problem(Xt, torch.as_tensor(y), c, 4, 0.01, True)
+    torch.testing.assert_close(prob.xtr_t(RT), RT @ Xa, rtol=1e-13, atol=1e-13)
+    m = SoftmaxRegression(tol=1e-11, solver="newton-cg").fit(X, y)
+    assert _rel(m.coef_, _sklearn(X, y).coef_) <= 1e-6
+
+
+def test_small_fits_run_on_one_thread_and_restore_the_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cpu = torch.device("cpu")
+        with serial_if_small(cpu, 1000):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with serial_if_small(cpu, 10**9):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="inside"), serial_if_small(cpu, 1000):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        X, y = _data(n=40, d=30, k=4)
+        with pytest.raises(MemoryError):
+            SoftmaxRegression(solver="primal", max_bytes=100_000).fit(X, y)
+        assert torch.get_num_threads() == 2
+        m = SoftmaxRegression(tol=1e-10).fit(X, y)
+        assert torch.get_num_threads() == 2
+        assert _rel(m.coef_, _sklearn(X, y).coef_) <= 1e-6
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sample_weight_equals_repetition():
@@ -332,8 +447,8 @@ def _choose(solver, n, d, k, **kw):
 
 
 def test_auto_regime_choice():
-    # Kd' = 63: the whole Hessian is cheaper than a few Hessian-vector products
-    assert _choose("auto", 5000, 20, 3) == "primal"
+    # Kd' = 18: the whole Hessian is cheaper than a few Hessian-vector products
+    assert _choose("auto", 500, 5, 3) == "primal"
     # n(K−1) = 180 ≪ Kd' = 10010: the Gram matrix is small
     assert _choose("auto", 20, 1000, 10) == "dual"
     assert _choose("auto", 20, 1000, 10, penalised=False) != "dual"

@@ -21,7 +21,15 @@ from sklearn.utils.validation import (
     validate_data,
 )
 
-from softjac.linear_model._solvers import SOLVERS, Problem, choose_solver, newton
+from softjac.linear_model._solvers import (
+    _REDUCE_RATIO,
+    SOLVERS,
+    Problem,
+    choose_solver,
+    newton,
+    reduce_features,
+    serial_if_small,
+)
 
 __all__ = ["SoftmaxRegression"]
 
@@ -59,8 +67,15 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     * ``"dual"``: Woodbury through the ``n(K−1)`` Gram matrix ``(X Xᵀ) ∘ [F_iᵀ F_j]``
       (F_i F_iᵀ = diag p_i − p_i p_iᵀ): O((nK)² K + (nK)³) per step, no d² term; needs a
       finite C.
-    * ``"newton-cg"``: conjugate gradients on O(n d K) Hessian-vector products with the
-      exact K × K per-feature blocks as preconditioner; O(n (d + K) + d K²) memory.
+    * ``"newton-cg"``: conjugate gradients on O(n d K) Hessian-vector products, preconditioned
+      by a Kronecker approximation of H (the full d' × d' feature matrix for small d', its
+      diagonal otherwise); O(n (d + K) + d K²) memory.
+
+    Dense X with more than 1.5 times as many features as samples is first reduced, exactly,
+    to its row space (the thin QR factorisation of Xᵀ), so the regimes work on n × n data.
+    On the CPU, small problems (fewer than 2²¹ multiply-adds per product with X) are fitted
+    with ``torch.set_num_threads(1)``, restored afterwards: the setting is process-wide
+    for the duration of the fit.
 
     ``solver="auto"`` picks the cheapest regime whose working memory fits ``max_bytes``; an
     explicit regime that does not fit raises ``MemoryError`` naming one that does.
@@ -221,9 +236,55 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             lam *= 2.0
         c = torch.as_tensor(sw / sw_sum, dtype=dtype, device=device)
         y_t = torch.as_tensor(y_enc.astype(np.int64), device=device)
-        prob = Problem(Xc, y_t, c, k, lam, bool(self.fit_intercept))
-        W0, b0 = self._initial(k, prob.d, dtype, device, binary)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        d_full = Xc.shape[1]
+        # Small problems run on one thread (see serial_if_small); the reduction to the row
+        # space of X caps the width at n.
+        with serial_if_small(device, n * min(d_full, n) * k):
+            res, basis, W_perp, solver = self._solve(Xc, y_t, c, k, lam, binary, n, fn)
+        if not res.converged and res.n_iter >= self.max_iter:
+            warnings.warn(
+                f"`{fn}`: Newton's method did not converge in max_iter={self.max_iter} "
+                f"iterations (max |gradient| = {res.grad_max:.3g} > tol = {self.tol}). "
+                "Increase `max_iter`, or standardise X.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        W, b = res.coef, res.intercept
+        if basis is not None:
+            # Without a penalty the component of a warm start outside the row space of X
+            # changes no logit and no gradient: it is kept, as the full problem would.
+            W = W @ basis.T + (W_perp if lam == 0 and W_perp is not None else 0.0)
+        if binary:
+            W = (W[1] - W[0]).unsqueeze(0)
+            b = (b[1] - b[0]).unsqueeze(0)
+        if not self.fit_intercept:
+            b = torch.zeros_like(b)
+        self.classes_ = classes
+        if torch_in:
+            self.coef_ = W.contiguous()
+            self.intercept_ = b.contiguous()
+        else:
+            self.coef_ = W.cpu().numpy()
+            self.intercept_ = b.cpu().numpy()
+        self.n_iter_ = int(res.n_iter)
+        self.solver_ = solver
+        self.objective_ = float(res.objective)
+        return self
+
+    def _solve(self, Xc, y_t, c, k, lam, binary, n, fn):
+        """The regime choice and Newton's method (after the row-space reduction when d > n);
+        returns the result, the basis and the start's part outside it, and the regime."""
+        n_feat = Xc.shape[1]
+        W0, b0 = self._initial(k, n_feat, Xc.dtype, Xc.device, binary)
+        basis, W_perp = None, None
+        if Xc.layout == torch.strided and n_feat > _REDUCE_RATIO * n:
+            # More features than samples: solve on the row space of X (exact; see
+            # reduce_features) and map back.
+            Xc, basis = reduce_features(Xc)
+            W_perp = W0 - (W0 @ basis) @ basis.T
+            W0 = W0 @ basis
+        prob = Problem(Xc, y_t, c, k, lam, bool(self.fit_intercept), basis=basis)
+        itemsize = Xc.element_size()
         solver = choose_solver(
             self.solver,
             n,
@@ -247,31 +308,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             max_iter=int(self.max_iter),
             verbose=int(self.verbose),
         )
-        if not res.converged and res.n_iter >= self.max_iter:
-            warnings.warn(
-                f"`{fn}`: Newton's method did not converge in max_iter={self.max_iter} "
-                f"iterations (max |gradient| = {res.grad_max:.3g} > tol = {self.tol}). "
-                "Increase `max_iter`, or standardise X.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        W, b = res.coef, res.intercept
-        if binary:
-            W = (W[1] - W[0]).unsqueeze(0)
-            b = (b[1] - b[0]).unsqueeze(0)
-        if not self.fit_intercept:
-            b = torch.zeros_like(b)
-        self.classes_ = classes
-        if torch_in:
-            self.coef_ = W.contiguous()
-            self.intercept_ = b.contiguous()
-        else:
-            self.coef_ = W.cpu().numpy()
-            self.intercept_ = b.cpu().numpy()
-        self.n_iter_ = int(res.n_iter)
-        self.solver_ = solver
-        self.objective_ = float(res.objective)
-        return self
+        return res, basis, W_perp, solver
 
     def _initial(self, k, d, dtype, device, binary):
         W0 = torch.zeros(k, d, dtype=dtype, device=device)
