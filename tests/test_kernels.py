@@ -964,3 +964,26 @@ def test_cpu_nan_among_masked_entries(k):
     zr = z.clone().requires_grad_()
     softjac.softmax(zr).backward(torch.randn(3, k))
     assert bool(zr.grad[:2].isnan().all()) and bool(zr.grad[2].isfinite().all())
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_cpu_half_rows_scratch_and_element_wise_paths(dtype):
+    """Half rows run the float32 vector row on a widened scratch copy; rows too long for the
+    scratch (the VJP's three buffers above 2^20 floats) take the element-wise loop. Both give
+    J(σ)v within the entrywise bound, and the cross-entropy gradient matches F.cross_entropy's
+    in float64 at a length that uses the scratch."""
+    for k in (4097, 350_000):
+        p, v = make_inputs(2, k, dtype, spread=2.0, seed=k)
+        assert vjp_error_ratio(_cpu.softmax_vjp(p, v), p, v) <= 1.0
+    g = torch.Generator().manual_seed(1)
+    z = (3 * torch.randn(3, 70_000, generator=g)).to(dtype)
+    y = torch.tensor([5, 69_999, 0])
+    loss, stats = _cpu.cross_entropy_forward(z, y, None, -100, 0.0, stats=True)
+    grad = _cpu.cross_entropy_backward(z, y, stats, torch.ones(3), None, -100, 0.0)
+    zd = z.double().requires_grad_()
+    ref = F.cross_entropy(zd, y, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zd)
+    assert torch.allclose(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    fi = torch.finfo(dtype)  # rounding to the half type, subnormal spacing included
+    assert torch.allclose(grad.double(), ref_grad, rtol=2 * fi.eps, atol=fi.tiny * fi.eps)
