@@ -859,9 +859,8 @@ def _first_argmax_or_minus_one(z: torch.Tensor) -> torch.Tensor:
 def test_cpu_softmax_argmax_and_vjp_argmax(dtype, k):
     """``softmax(z, argmax=True)`` returns the first argmax of every row (−1 for masked and NaN
     rows) next to the same σ as without it; ``softmax_vjp_argmax`` with it is J(σ)v within the
-    entrywise bound of :func:`vjp_error_ratio` (argmax entry included) and, for float32 rows
-    above 64 entries, equals bit for bit the kernel that finds i* itself (shorter rows add in
-    another order)."""
+    entrywise bound of :func:`vjp_error_ratio` (argmax entry included) and agrees with the
+    kernel that finds i* itself to a few roundings."""
     g = torch.Generator().manual_seed(k)
     z = (4.0 * torch.randn(8, k, generator=g, dtype=torch.float64)).to(dtype)
     z[1] = 0.5  # all tied: i* = 0
@@ -881,9 +880,14 @@ def test_cpu_softmax_argmax_and_vjp_argmax(dtype, k):
     assert torch.equal(out[3], torch.zeros(k, dtype=dtype))
     good = [0, 1, 2, 6, 7]
     assert vjp_error_ratio(out[good], p[good], v[good]) <= 1.0
+    # the kernel that finds i* itself: the same formula, sums added in another order, so
+    # the two agree to a few roundings of each entry's scale
     same = _cpu.softmax_vjp(p, v)[good]
-    if k > 64 and dtype == torch.float32:
-        assert torch.equal(out[good], same)
+    pg, vg = p[good].double(), v[good].double()
+    scale = pg * (vg.abs() + (pg * vg.abs()).sum(-1, keepdim=True))
+    fi = torch.finfo(dtype)
+    tol = 8 * COMPUTE_EPS[dtype] * scale + fi.eps * same.double().abs() + fi.tiny * fi.eps
+    assert bool(((out[good].double() - same.double()).abs() <= tol).all())
     # strided v (the incoming gradient need not be contiguous)
     vt = torch.randn(k, 8, generator=g, dtype=torch.float64).to(dtype).mT
     out_t = _cpu.softmax_vjp_argmax(p, vt, idx)

@@ -427,9 +427,9 @@ DEFINE_VJP(f16, f16_t, float, LOAD_F16, STORE_F16, exp_f32)
  * row without one: fully masked, whose product is 0, or NaN).  With i* given, the two sums
  * s = sum_j p_j v_j and t = sum_j p_j (v_{i*} - v_j) need one pass together, and the second
  * pass only writes out_j = p_j (v_j - s), then out_{i*} = p_{i*} t: the pass count of PyTorch's
- * backward, and the same values as softjac_vjp_<dt> (same blocked sums, same formula) without
- * its argmax tracking, which cost as much as the rest of the row at K <= 512 (measured with
- * rows in cache, 1 thread: 111 against 199 us at 4096 x 128; PyTorch's native 107).  Rows of
+ * backward, and the formula of softjac_vjp_<dt> (blocked sums; the additions inside a block in
+ * another order) without its argmax tracking, which cost as much as the rest of the row at
+ * K <= 512 (measured with rows in cache, 1 thread: 111 against 199 us at 4096 x 128).  Rows of
  * STREAM_MIN_K or more take softjac_vjp's row (streaming stores; the tracking is noise there). */
 #define VJP_IDX_ROW_BODY(ACC, LOAD, STORE)                                                        \
     const ACC vs = istar >= 0 ? LOAD(v + istar) : (ACC)0;                                         \
@@ -458,30 +458,40 @@ static void vjp_idx_row_f32_vec(const float *p, const float *v, float *out, int6
         vjp_row_f32_vec(p, v, out, k);
         return;
     }
+    /* four accumulators per sum: a row of K = 128 is 16 vectors, and with two the FMA
+     * latency chains, not the loads, set the pace (measured 15-20 % at K = 128 and 1000) */
     const vf zero = {0};
     const float vs = istar >= 0 ? v[istar] : 0.0f;
     const vf vss = zero + vs;
+    const int pf = k > 2048; /* prefetch ahead only for rows that stream from memory */
     double s_acc = 0, t_acc = 0;
     int64_t j = 0;
     for (int64_t b = 0; b < k; b += BLK) {
         const int64_t e = b + BLK < k ? b + BLK : k;
-        vf s0 = zero, s1 = zero, t0 = zero, t1 = zero;
-        for (; j + 2 * VL <= e; j += 2 * VL) {
-            __builtin_prefetch(p + j + 512); /* as in vjp_row_f32_body */
-            __builtin_prefetch(v + j + 512);
+        vf s0 = zero, s1 = zero, s2 = zero, s3 = zero, t0 = zero, t1 = zero, t2 = zero, t3 = zero;
+        for (; j + 4 * VL <= e; j += 4 * VL) {
+            if (pf) {
+                __builtin_prefetch(p + j + 512); /* as in vjp_row_f32_body */
+                __builtin_prefetch(v + j + 512);
+            }
             const vf p0 = vld(p + j), v0 = vld(v + j), p1 = vld(p + j + VL), v1 = vld(v + j + VL);
+            const vf p2 = vld(p + j + 2 * VL), v2 = vld(v + j + 2 * VL);
+            const vf p3 = vld(p + j + 3 * VL), v3 = vld(v + j + 3 * VL);
             s0 += p0 * v0;
             s1 += p1 * v1;
+            s2 += p2 * v2;
+            s3 += p3 * v3;
             t0 += p0 * (vss - v0);
             t1 += p1 * (vss - v1);
+            t2 += p2 * (vss - v2);
+            t3 += p3 * (vss - v3);
         }
-        if (j + VL <= e) {
+        for (; j + VL <= e; j += VL) {
             const vf p0 = vld(p + j), v0 = vld(v + j);
             s0 += p0 * v0;
             t0 += p0 * (vss - v0);
-            j += VL;
         }
-        float sb = hsum(s0 + s1), tb = hsum(t0 + t1);
+        float sb = hsum((s0 + s1) + (s2 + s3)), tb = hsum((t0 + t1) + (t2 + t3));
         for (; j < e; ++j) {
             sb += p[j] * v[j];
             tb += p[j] * (vs - v[j]);
@@ -491,7 +501,11 @@ static void vjp_idx_row_f32_vec(const float *p, const float *v, float *out, int6
     }
     const float s = (float)s_acc;
     const vf ss = zero + s;
-    for (j = 0; j + VL <= k; j += VL) vst(out + j, vld(p + j) * (vld(v + j) - ss));
+    for (j = 0; j + 2 * VL <= k; j += 2 * VL) {
+        vst(out + j, vld(p + j) * (vld(v + j) - ss));
+        vst(out + j + VL, vld(p + j + VL) * (vld(v + j + VL) - ss));
+    }
+    for (; j + VL <= k; j += VL) vst(out + j, vld(p + j) * (vld(v + j) - ss));
     for (; j < k; ++j) out[j] = p[j] * (v[j] - s);
     if (istar >= 0) out[istar] = p[istar] * (float)t_acc;
 }
