@@ -165,8 +165,12 @@ def _inner_layout(x: torch.Tensor) -> int | None:
 def _pair_rows(x: torch.Tensor, v: torch.Tensor):
     """Row views of ``x`` and ``v`` and of a fresh output of ``x``'s shape and dtype, for the
     kernels that read two tensors and write one: ``(out, (x2, v2, o2), (sx, sv, so), n)``,
-    with the row strides of :func:`_rows` and ``n`` the number of rows (0 when K = 0)."""
+    with the row strides of :func:`_rows` and ``n`` the number of rows (0 when K = 0).
+    Contiguous inputs, the common case, take a shortcut (every call pays for this)."""
     k = x.shape[-1] if x.dim() else 1
+    if x.is_contiguous() and v.is_contiguous():
+        out = torch.empty_like(x)
+        return out, (x, v, out), (k, k, k), x.numel() // k if k else 0
     x2, sx = _rows(x)
     v2, sv = _rows(v)
     out = torch.empty(x.shape, dtype=x.dtype)
@@ -257,11 +261,7 @@ def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) 
     if _lib is None:
         _lib_or_raise()
     k = probs.shape[-1] if probs.dim() else 1
-    if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
-        out = torch.empty_like(probs)
-        p2, v2, o2, sp, sv, so, n = probs, v, out, k, k, k, probs.numel() // k if k else 0
-    else:
-        out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
+    out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
     if n and k:
         _fns[f"softjac_vjp_idx_{_SUFFIX[probs.dtype]}"](
             p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, k, sp, sv, so,
@@ -324,11 +324,7 @@ def softmax_vjp_logits(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if _lib is None:
         _lib_or_raise()
     k = z.shape[-1] if z.dim() else 1
-    if z.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
-        out = torch.empty_like(z)
-        z2, v2, o2, sz, sv, so, n = z, v, out, k, k, k, z.numel() // k if k else 0
-    else:
-        out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
+    out, (z2, v2, o2), (sz, sv, so), n = _pair_rows(z, v)
     if n and k:
         fn = _fns[f"softjac_vjp_exact_{_SUFFIX[z.dtype]}"]
         fn(z2.data_ptr(), v2.data_ptr(), o2.data_ptr(), n, k, sz, sv, so, torch.get_num_threads())
