@@ -683,6 +683,48 @@ static inline cvf cvabs(cvf x) {
     return (cvf)((cvi)x & mask);
 }
 
+/* The output pass of the float32 exact rows, from r = sum_{j != i*} e_j and A = sum_j e_j v_j:
+ * out_j = e_j (v_j S - A) / S^2 and the argmax's sum_j e_j (v_{i*} - v_j) / S^2 (1/S^2 as in
+ * the generic row), with e_j = exp(z_j - m) recomputed from z, or read back from `out` where
+ * the sum pass stored it (z == NULL). */
+static inline __attribute__((always_inline)) void exact_out_pass_f32(const float *z, float m,
+                                                                    const float *v, float *out,
+                                                                    int64_t k, int64_t istar,
+                                                                    double r_acc, double a_acc) {
+    const float ninf = -__builtin_inff();
+    const cvf zero = {0};
+    const float r = (float)r_acc, s = 1 + r, a = (float)a_acc, vs = v[istar];
+    const int small = r <= 1;
+    const float kk = small ? r * (2 + r) / (s * s) : 0.0f;
+    const float c2 = small ? 1.0f : 1.0f / (s * s);
+    const cvf sv = zero + s, av = zero + a, vsv = zero + vs, kv = zero + kk, cv = zero + c2;
+    const cvf mm = zero + m;
+    double q_acc = 0;
+    int64_t j = 0;
+    for (int64_t b = 0; b < k; b += BLK) {
+        const int64_t e = b + BLK < k ? b + BLK : k;
+        cvf qs = zero;
+        for (; j + CVL <= e; j += CVL) {
+            const cvf ex = z ? vexp_nonpos(cvld(z + j) - mm) : cvld(out + j), vj = cvld(v + j);
+            const cvf y = ex * (vj * sv - av);
+            cvst(out + j, y * cv - y * kv);
+            qs += ex * (vsv - vj);
+        }
+        if (j < e) {
+            const cvf ex = z ? vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm)
+                             : cvld_part(out + j, e - j, 0.0f);
+            const cvf vj = cvld_part(v + j, e - j, 0.0f);
+            const cvf y = ex * (vj * sv - av);
+            cvst_part(out + j, y * cv - y * kv, e - j);
+            qs += ex * (vsv - vj);
+            j = e;
+        }
+        q_acc += (double)chsum(qs);
+    }
+    const float q = (float)q_acc;
+    out[istar] = q * c2 - q * kk;
+}
+
 /* The float32 row of softjac_vjp_exact with the vector types: the same passes, blocks and
  * formulas as the generic row (only the order of the float additions inside a block
  * differs). Returns 1, having written nothing, when the row needs the scaled slow path. */
@@ -761,35 +803,7 @@ static int vjp_exact_row_f32_vec(const float *z, const float *v, float *out, int
     }
     const float vmax = chmax(vmx);
     if (EXACT_SCALE_NEEDED(float, vmax, k) || a_acc - a_acc != 0) return 1;
-    const float r = (float)r_acc, s = 1 + r, a = (float)a_acc, vs = v[istar];
-    const int small = r <= 1;
-    const float kk = small ? r * (2 + r) / (s * s) : 0.0f;
-    const float c2 = small ? 1.0f : 1.0f / (s * s);
-    const cvf sv = zero + s, av = zero + a, vsv = zero + vs, kv = zero + kk, cv = zero + c2;
-    const cvf mm = zero + m;
-    double q_acc = 0;
-    int64_t j = 0;
-    for (int64_t b = 0; b < k; b += BLK) {
-        const int64_t e = b + BLK < k ? b + BLK : k;
-        cvf qs = zero;
-        for (; j + CVL <= e; j += CVL) {
-            const cvf ex = vexp_nonpos(cvld(z + j) - mm), vj = cvld(v + j);
-            const cvf y = ex * (vj * sv - av);
-            cvst(out + j, y * cv - y * kv);
-            qs += ex * (vsv - vj);
-        }
-        if (j < e) {
-            const cvf ex = vexp_nonpos(cvld_part(z + j, e - j, ninf) - mm);
-            const cvf vj = cvld_part(v + j, e - j, 0.0f);
-            const cvf y = ex * (vj * sv - av);
-            cvst_part(out + j, y * cv - y * kv, e - j);
-            qs += ex * (vsv - vj);
-            j = e;
-        }
-        q_acc += (double)chsum(qs);
-    }
-    const float q = (float)q_acc;
-    out[istar] = q * c2 - q * kk;
+    exact_out_pass_f32(z, m, v, out, k, istar, r_acc, a_acc);
     return 0;
 }
 /* Rows of at most EXACT_STORED_K floats (z, v and out together within L2), float32: the same
@@ -850,33 +864,7 @@ static int vjp_exact_row_f32_stored(const float *z, const float *v, float *out, 
     }
     const float vmax = chmax(vmx);
     if (EXACT_SCALE_NEEDED(float, vmax, k) || a_acc - a_acc != 0) return 1;
-    const float r = (float)r_acc, s = 1 + r, a = (float)a_acc, vs = v[istar];
-    const int small = r <= 1;
-    const float kk = small ? r * (2 + r) / (s * s) : 0.0f;
-    const float c2 = small ? 1.0f : 1.0f / (s * s);
-    const cvf sv = zero + s, av = zero + a, vsv = zero + vs, kv = zero + kk, cv = zero + c2;
-    double q_acc = 0;
-    j = 0;
-    for (int64_t b = 0; b < k; b += BLK) {
-        const int64_t e = b + BLK < k ? b + BLK : k;
-        cvf qs = zero;
-        for (; j + CVL <= e; j += CVL) {
-            const cvf ex = cvld(out + j), vj = cvld(v + j);
-            const cvf y = ex * (vj * sv - av);
-            cvst(out + j, y * cv - y * kv);
-            qs += ex * (vsv - vj);
-        }
-        if (j < e) {
-            const cvf ex = cvld_part(out + j, e - j, 0.0f), vj = cvld_part(v + j, e - j, 0.0f);
-            const cvf y = ex * (vj * sv - av);
-            cvst_part(out + j, y * cv - y * kv, e - j);
-            qs += ex * (vsv - vj);
-            j = e;
-        }
-        q_acc += (double)chsum(qs);
-    }
-    const float q = (float)q_acc;
-    out[istar] = q * c2 - q * kk;
+    exact_out_pass_f32(NULL, m, v, out, k, istar, r_acc, a_acc);
     return 0;
 }
 #define VJP_EXACT_ROW_f32(z, v, out, k)                                                           \
