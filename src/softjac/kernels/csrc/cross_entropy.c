@@ -315,12 +315,11 @@ static void ce_fwd_inner_tile_f32(const float *z, const int64_t *tgt, const floa
     }
 }
 
-static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
-                                  const float *m_in, const float *ls_in, const float *grad,
-                                  int64_t sg, float *out, int64_t k, int64_t m, int64_t tw,
-                                  int64_t ignore_index, float eps) {
-    float mv[CE_IT], lv[CE_IT], cf[CE_IT], sm[CE_IT];
-    int32_t keep[CE_IT];
+/* Per column c of a backward tile: cf = g ((1 - eps) w_y + (eps / K) W), sm = g eps / K, and
+ * keep = -1 (all bits, a lane mask) for a valid target, 0 for an ignored one. */
+static void ce_bwd_tile_coefs(const int64_t *tgt, const float *w, float w_sum, const float *grad,
+                              int64_t sg, int64_t k, int64_t tw, int64_t ignore_index, float eps,
+                              float *cf, float *sm, int32_t *keep) {
     for (int64_t c = 0; c < tw; ++c) {
         const int64_t y = tgt[c];
         const int valid = y != ignore_index;
@@ -328,9 +327,20 @@ static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const floa
         const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
         cf[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
         sm[c] = g * eps / (float)k;
+        keep[c] = valid ? -1 : 0;
+    }
+}
+
+static void ce_bwd_inner_tile_f32(const float *z, const int64_t *tgt, const float *w, float w_sum,
+                                  const float *m_in, const float *ls_in, const float *grad,
+                                  int64_t sg, float *out, int64_t k, int64_t m, int64_t tw,
+                                  int64_t ignore_index, float eps) {
+    float mv[CE_IT], lv[CE_IT], cf[CE_IT], sm[CE_IT];
+    int32_t keep[CE_IT];
+    ce_bwd_tile_coefs(tgt, w, w_sum, grad, sg, k, tw, ignore_index, eps, cf, sm, keep);
+    for (int64_t c = 0; c < tw; ++c) {
         mv[c] = m_in[c];
         lv[c] = ls_in[c];
-        keep[c] = valid;
     }
     for (int64_t j = 0; j < k; ++j) {
         const float *zj = z + j * m;
@@ -430,15 +440,7 @@ static void ce_bwd_inner_tile_f32_vec(const float *z, const int64_t *tgt, const 
     const int64_t nv = tw / CVL;
     float cfs[CE_IT], sms[CE_IT];
     int32_t keeps[CE_IT];
-    for (int64_t c = 0; c < tw; ++c) {
-        const int64_t y = tgt[c];
-        const int valid = y != ignore_index;
-        const float g = valid ? grad[c * sg] : 0.0f;
-        const float wy = valid ? (w ? w[y] : 1.0f) : 0.0f;
-        cfs[c] = g * ((1.0f - eps) * wy + (eps / (float)k) * w_sum);
-        sms[c] = g * eps / (float)k;
-        keeps[c] = valid ? -1 : 0;
-    }
+    ce_bwd_tile_coefs(tgt, w, w_sum, grad, sg, k, tw, ignore_index, eps, cfs, sms, keeps);
     cvf mv[CE_NV], lv[CE_NV], cf[CE_NV], sm[CE_NV];
     cvi keep[CE_NV];
     for (int64_t v = 0; v < nv; ++v) {
