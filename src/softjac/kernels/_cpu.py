@@ -188,20 +188,14 @@ def softmax_vjp(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     When ``probs`` is a ``movedim`` of a contiguous tensor (softmax over ``dim != -1``), the
     inner-layout kernel reads it in place (and ``v`` too when laid out alike; otherwise only
     ``v`` is copied into that layout) and the result comes back in the same layout."""
-    _lib_or_raise()
-    shape = probs.shape
-    k = shape[-1] if probs.dim() else 1
+    if _lib is None:
+        _lib_or_raise()
+    k = probs.shape[-1] if probs.dim() else 1
     threads = torch.get_num_threads()
     suffix = _SUFFIX[probs.dtype]
-    if probs.is_contiguous() and v.is_contiguous():  # the common case, with least overhead
-        out = torch.empty_like(probs)
-        n = probs.numel() // k if k else 0
-        if n:
-            _fns[f"softjac_vjp_{suffix}"](
-                probs.data_ptr(), v.data_ptr(), out.data_ptr(), n, k, k, k, k, threads
-            )
-        return out
-    pos = _inner_layout(probs) if 1 < k < 2**31 and probs.stride(-1) != 1 else None
+    pos = None
+    if 1 < k < 2**31 and not probs.is_contiguous() and probs.stride(-1) != 1:
+        pos = _inner_layout(probs)
     if pos is not None:
         pm = probs.movedim(-1, pos)
         vm = v.movedim(-1, pos).contiguous()

@@ -391,7 +391,7 @@ def info() -> dict[str, dict[str, dict[str, str]]]:
 def run_softmax(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``σ = exp(z − lse(z))`` over the last dim in ``z``'s dtype; fully masked rows give
     zeros. O(K) per row, one read and one write with the C kernel."""
-    return run_softmax_argmax(z, backend)[0]
+    return _run_softmax(z, backend, argmax=False)[0]
 
 
 def run_softmax_argmax(
@@ -399,9 +399,13 @@ def run_softmax_argmax(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`run_softmax` and, where the C kernel ran, each row's first argmax (int32, −1
     for rows without one) for :func:`run_softmax_vjp`'s ``argmax`` (else None)."""
+    return _run_softmax(z, backend, argmax=True)
+
+
+def _run_softmax(z: torch.Tensor, backend: str, *, argmax: bool):
     chosen = _resolve("softjac.softmax", backend, z, "softmax")
     if chosen == "cpu" and z.numel() and _has_c_kernel("softmax", z):
-        return _cpu.softmax(z, argmax=True)
+        return _cpu.softmax(z, argmax=True) if argmax else (_cpu.softmax(z), None)
     return _torch.softmax(z), None
 
 
