@@ -124,18 +124,18 @@ static inline int clamp_threads(int nthreads, int64_t n, int64_t k) {
 #define HALF_SCRATCH_MAX ((int64_t)1 << 20) /* floats: 4 MiB per thread at most */
 
 /* A float32 scratch of at least n floats for this thread (NULL if n is too large or malloc
- * fails: the caller then uses its element-wise loop).  Slot 0 and 1 are separate buffers. */
-static inline float *half_scratch(int slot, int64_t n) {
-    static __thread float *buf[2];
-    static __thread int64_t cap[2];
+ * fails: the caller then uses its element-wise loop). */
+static inline float *half_scratch(int64_t n) {
+    static __thread float *buf;
+    static __thread int64_t cap;
     if (n > HALF_SCRATCH_MAX) return NULL;
-    if (cap[slot] < n) {
-        float *p = (float *)realloc(buf[slot], (size_t)n * sizeof(float));
+    if (cap < n) {
+        float *p = (float *)realloc(buf, (size_t)n * sizeof(float));
         if (!p) return NULL;
-        buf[slot] = p;
-        cap[slot] = n;
+        buf = p;
+        cap = n;
     }
-    return buf[slot];
+    return buf;
 }
 
 #define LOAD_F32(ptr) (*(ptr))

@@ -206,7 +206,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
 #ifdef SOFTJAC_VEC
 #define CE_FWD_FAST_HALF(SUFFIX)                                                                  \
     {                                                                                             \
-        float *zs = half_scratch(0, k);                                                           \
+        float *zs = half_scratch(k);                                                              \
         if (zs) {                                                                                 \
             widen_##SUFFIX(zr, zs, k);                                                            \
             ce_fwd_row_f32_vec(zs, tgt[i], w, w_sum, k, ignore_index, eps, loss + i, m_out + i,   \
@@ -216,7 +216,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
     }
 #define CE_BWD_FAST_HALF(SUFFIX)                                                                  \
     {                                                                                             \
-        float *zs = half_scratch(0, k);                                                           \
+        float *zs = half_scratch(k);                                                              \
         if (zs) {                                                                                 \
             widen_##SUFFIX(zr, zs, k);                                                            \
             ce_bwd_row_f32_vec(zs, zs, y, w, m, ls, coef, sm, g * (1.0f - eps) * wy, k);          \

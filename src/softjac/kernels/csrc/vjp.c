@@ -393,7 +393,7 @@ static inline int64_t inner_tile(int64_t k, int64_t m, int64_t elem) {
 #ifdef SOFTJAC_VEC
 #define DEFINE_VJP_ROW_HALF(SUFFIX, T)                                                            \
     static void vjp_row_half_##SUFFIX(const T *p, const T *v, T *out, int64_t k) {              \
-        float *ps = half_scratch(0, 3 * k); /* σ, v and the result (not in place) */             \
+        float *ps = half_scratch(3 * k); /* σ, v and the result (not in place) */                 \
         if (!ps || k >= ((int64_t)1 << 31)) {                                                     \
             vjp_row_##SUFFIX(p, v, out, k);                                                       \
             return;                                                                               \
