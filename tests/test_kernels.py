@@ -915,6 +915,25 @@ def test_cpu_softmax_exp_fast_path_boundary():
 
 
 @needs_cpu_kernel
+def test_cpu_softmax_exp_within_an_ulp():
+    """The kernels' exponential itself, read off the forward: in a row ``[0, x]`` with
+    ``x <= -17.5`` the sum rounds to 1, so σ₁ is the kernel's ``exp(x)`` unrounded by the
+    division; on 200 001 arguments across the normal range and into the subnormal one it is
+    within one ulp of float64's exp (or one subnormal spacing)."""
+    x = torch.linspace(-103.5, -17.5, 200_001, dtype=torch.float64).float()
+    z = torch.zeros(x.numel(), 2)
+    z[:, 1] = x
+    got = _cpu.softmax(z)[:, 1].double()
+    want = torch.exp(x.double())
+    ulp = torch.maximum(
+        torch.finfo(torch.float32).eps * 2.0 ** torch.floor(torch.log2(want)),
+        torch.full_like(want, 2.0**-149),
+    )
+    assert bool(((got - want).abs() <= ulp).all())
+    assert bool((_cpu.softmax(z)[:, 0] == 1.0).all())
+
+
+@needs_cpu_kernel
 def test_softmax_backward_uses_the_forward_argmax():
     """The eager C path end to end: ``softjac.softmax`` forward + backward against torch's
     autograd in float64, for rows with ties, masks and a fully masked row (zero gradient)."""
