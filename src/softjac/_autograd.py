@@ -265,23 +265,27 @@ class SoftmaxLast(torch.autograd.Function):
     def eager_forward(ctx, z: torch.Tensor, backend: str) -> torch.Tensor:
         """The ctx-form forward of the eager twin (:func:`_eager_twin`): ``forward`` plus
         ``setup_context``, keeping the rows' argmax (or None) as ``ctx.argmax``."""
-        out, ctx.argmax = dispatch.run_softmax_argmax(z, backend)
+        out, argmax = dispatch.run_softmax_argmax(z, backend)
         SoftmaxLast.setup_context(ctx, (z, backend), out)
+        ctx.argmax = argmax
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.backend = inputs[1]
+        ctx.argmax = None
         ctx.save_for_backward(output)
         ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, g):
         (p,) = ctx.saved_tensors
-        if not torch.is_grad_enabled() and _memory(p, g):
-            # plain backward (no create_graph): nothing records this product
-            argmax = getattr(ctx, "argmax", None)
-            return dispatch.run_softmax_vjp(p, g, ctx.backend, argmax), None
+        if torch.is_grad_enabled():  # create_graph: the product is recorded
+            return vjp_probs(p, g, ctx.backend), None
+        # plain backward: nothing records this product; σ of the eager C forward (ctx.argmax
+        # set) has memory, only g needs a look
+        if _memory(g) if ctx.argmax is not None else _memory(p, g):
+            return dispatch.run_softmax_vjp(p, g, ctx.backend, ctx.argmax), None
         return vjp_probs(p, g, ctx.backend), None
 
     @staticmethod
@@ -388,7 +392,10 @@ def softmax_last(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     kernel directly, the registered op under ``torch.compile``, else :class:`SoftmaxLast`."""
     if _compiling():
         return _ops.call("softmax", backend, z)
-    if not dispatch.graph_needs(z):  # (_plain without a second is_compiling)
+    # a training call (z requires grad) records without asking graph_needs what else might
+    # (the Function covers a dual z too): graph_needs' dual-tensor check costs more than the
+    # rest of this function
+    if not (z.requires_grad and torch.is_grad_enabled()) and not dispatch.graph_needs(z):
         return dispatch.run_softmax(z, backend)
     return _apply(SoftmaxLast, z, backend)
 

@@ -54,9 +54,11 @@ def _prepare(
     T below the smallest normal number of the compute dtype is refused (``ValueError``):
     ``1/T`` would overflow there and σ would not sum to 1."""
     d = check_logits(fn, logits, dim)
-    t = check_temperature(fn, temperature, as_float_dtype(logits.dtype))
-    m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
     up = as_float_dtype(logits.dtype)
+    t = check_temperature(fn, temperature, up)
+    if mask is None and t == 1.0 and up == logits.dtype and d == logits.ndim - 1:
+        return logits, d, t  # the common call: nothing to convert, move, mask or scale
+    m = None if mask is None else check_mask(fn, mask, logits.shape, logits.device)
     z = _core.to_last(logits if up == logits.dtype else logits.to(up), d)
     if m is not None:
         m = _core.to_last(m, d)
@@ -123,6 +125,8 @@ def softmax(
     dispatch.check_backend(fn, backend)
     z, d, _ = _prepare(fn, logits, dim, mask, temperature)
     p = _autograd.softmax_last(z, backend)
+    if z is logits:  # the common call: σ already has the dtype and layout of the logits
+        return p
     return _core.from_last(p if p.dtype == logits.dtype else p.to(logits.dtype), d)
 
 

@@ -56,6 +56,10 @@ _error: str | None = None
 _variant = ""
 # every entry point by name: a ctypes function typed by _load (restype c_int, so it returns int)
 _fns: dict[str, Callable[..., int]] = {}
+# the softmax forward and its backward from the forward's argmax by dtype (the eager training
+# step's two calls: a dtype lookup instead of building the name)
+_softmax_fns: dict[torch.dtype, Callable[..., int]] = {}
+_vjp_idx_fns: dict[torch.dtype, Callable[..., int]] = {}
 
 
 def _load() -> ctypes.CDLL | None:
@@ -106,6 +110,9 @@ def _load() -> ctypes.CDLL | None:
             fn.argtypes = argtypes
             fn.restype = cint
             _fns[name] = fn
+        for dtype in CE_DTYPES:
+            _softmax_fns[dtype] = _fns[f"softjac_softmax_{_SUFFIX[dtype]}"]
+            _vjp_idx_fns[dtype] = _fns[f"softjac_vjp_idx_{_SUFFIX[dtype]}"]
         _lib, _variant = lib, variant
         return _lib
 
@@ -239,7 +246,7 @@ def softmax(z: torch.Tensor, *, argmax: bool = False):
     if argmax and k < 2**31:
         idx = torch.empty(n, dtype=torch.int32)
     if n and k:
-        _fns[f"softjac_softmax_{_SUFFIX[z.dtype]}"](
+        _softmax_fns[z.dtype](
             z2.data_ptr(), out.data_ptr(), 0 if idx is None else idx.data_ptr(), n, k, sz,
             torch.get_num_threads(),
         )  # fmt: skip
@@ -254,12 +261,11 @@ def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) 
     must have σ's dtype and shape."""
     if _lib is None:
         _lib_or_raise()
-    k = probs.shape[-1] if probs.dim() else 1
     out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
-    if n and k:
-        _fns[f"softjac_vjp_idx_{_SUFFIX[probs.dtype]}"](
-            p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, k, sp, sv, so,
-            torch.get_num_threads(),
+    if n:
+        _vjp_idx_fns[probs.dtype](
+            p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, probs.shape[-1],
+            sp, sv, so, torch.get_num_threads(),
         )  # fmt: skip
     return out
 

@@ -271,7 +271,7 @@ def _auto(op: str, x: torch.Tensor) -> tuple[str, str]:
                 "torch",
                 "class dim not innermost (the C kernel would copy; torch reads it in place)",
             )
-        if not _cpu.available():
+        if _cpu._lib is None and not _cpu.available():  # (the attribute: loaded already)
             return "torch", f"C kernels unavailable: {_cpu.unavailable_reason()}"
         return "cpu", "CPU tensor, C kernel"
     dev = x.device.type
@@ -398,12 +398,22 @@ def run_softmax_argmax(
     z: torch.Tensor, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`run_softmax` and, where the C kernel ran, each row's first argmax (int32, −1
-    for rows without one) for :func:`run_softmax_vjp`'s ``argmax`` (else None)."""
-    return _run_softmax(z, backend, argmax=True)
+    for rows without one) for :func:`run_softmax_vjp`'s ``argmax`` (else None).
+
+    For the forward of an eager autograd Function: ``z`` has memory and nothing is being
+    compiled (the caller checked both), so ``"auto"`` asks :func:`_auto` directly."""
+    if backend == "auto" and (type(z) is torch.Tensor or isinstance(z, torch.nn.Parameter)):
+        if _auto("softmax", z)[0] == "cpu":  # (auto chose it: a C kernel exists, z has entries)
+            return _cpu.softmax(z, argmax=True)
+        return _torch.softmax(z), None
+    return _run_softmax_as(_resolve("softjac.softmax", backend, z, "softmax"), z, argmax=True)
 
 
 def _run_softmax(z: torch.Tensor, backend: str, *, argmax: bool):
-    chosen = _resolve("softjac.softmax", backend, z, "softmax")
+    return _run_softmax_as(_resolve("softjac.softmax", backend, z, "softmax"), z, argmax=argmax)
+
+
+def _run_softmax_as(chosen: str, z: torch.Tensor, *, argmax: bool):
     if chosen == "cpu" and z.numel() and _has_c_kernel("softmax", z):
         return _cpu.softmax(z, argmax=True) if argmax else (_cpu.softmax(z), None)
     return _torch.softmax(z), None
