@@ -365,7 +365,7 @@ def bench_api(b: Bench, quick: bool) -> None:
             lambda z=z, v=v: torch._softmax_backward_data(v, torch.softmax(z, -1), -1, z.dtype),
             None,
         )  # fmt: skip
-    for n, k in [(16384, 1024), (4096, 128)]:
+    for n, k in [(16384, 1024), (64, 262144), (4096, 128), (256, 1000)]:
         z, v = _gen((n, k), torch.float32, b.device)
 
         def fwd_bwd(fn, z=z, v=v):

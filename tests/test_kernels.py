@@ -915,6 +915,39 @@ def test_cpu_softmax_exp_fast_path_boundary():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("n", (64, 2100))
+def test_cpu_row_kernels_on_both_sides_of_the_static_split(n):
+    """Row data below 8 MiB is split statically between threads, above it by the guided
+    schedule (``SJ_FOR_ROWS``): the softmax forward, its backward from the forward's argmax
+    and the exact VJP from logits agree with float64 references on both sides
+    (64 × 1000 and 2100 × 1000 float32, the latter 8.4 MB), with 2 threads."""
+    g = torch.Generator().manual_seed(11)
+    z = 4.0 * torch.randn(n, 1000, generator=g)
+    v = torch.randn(n, 1000, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        p, idx = _cpu.softmax(z, argmax=True)
+        out = _cpu.softmax_vjp_argmax(p, v, idx)
+        exact = _cpu.softmax_vjp_logits(z, v)
+    finally:
+        torch.set_num_threads(threads)
+    p64 = torch.softmax(z.double(), -1)
+    # σ_j to a few ulps plus the rounding of each z_k − max z in float32 (|z_k − m| · 2⁻²⁴
+    # relative, entering σ_j through exp(z_j − m) and the sum; torch.softmax in float32 has
+    # the same)
+    shift = (z.double() - z.double().amax(-1, keepdim=True)).abs()
+    tol = 4 * 2**-23 + (shift + shift.amax(-1, keepdim=True)) * 2**-24
+    assert bool(((p.double() - p64).abs() <= tol * p64).all())
+    assert torch.equal(idx.long(), z.argmax(-1))
+    assert vjp_error_ratio(out, p, v) <= 1.0
+    ref = _core.vjp_logits_last(z.double(), v.double())
+    scale = p64 * (v.double().abs() + (p64 * v.double().abs()).sum(-1, keepdim=True))
+    tol = 4 * 2**-23 + shift.amax(-1, keepdim=True) * 2**-24
+    assert bool(((exact.double() - ref).abs() <= tol * scale).all())
+
+
+@needs_cpu_kernel
 def test_cpu_softmax_exp_within_an_ulp():
     """The kernels' exponential itself, read off the forward: in a row ``[0, x]`` with
     ``x <= -17.5`` the sum rounds to 1, so σ₁ is the kernel's ``exp(x)`` unrounded by the

@@ -109,8 +109,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
                                 int64_t sz, int64_t ignore_index, float eps, int nthreads) {     \
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_PARALLEL_ROWS                                                                          \
-        for (int64_t i = 0; i < n; ++i) {                                                         \
+        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
             const T *zr = z + i * sz;                                                             \
             CE_FWD_FAST_##SUFFIX                                                                  \
             float m = -__builtin_inff();                                                          \
@@ -150,7 +149,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
             float li = (1.0f - eps) * wy * (ls - (LOAD(zr + y) - m));                             \
             if (eps > 0) li += (eps / (float)k) * (w_sum * ls - (float)swz);                      \
             loss[i] = li;                                                                         \
-        }                                                                                         \
+        })                                                                                        \
         return 0;                                                                                 \
     }                                                                                             \
     int softjac_ce_bwd_##SUFFIX(const T *z, const int64_t *tgt, const float *w, float w_sum,     \
@@ -161,8 +160,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
         if (so == k && (const void *)out != (const void *)z)                                      \
             advise_huge(out, n * k * (int64_t)sizeof(T));                                         \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_PARALLEL_ROWS                                                                          \
-        for (int64_t i = 0; i < n; ++i) {                                                         \
+        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * so;                                                               \
             const int64_t y = tgt[i];                                                             \
@@ -184,7 +182,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
             }                                                                                     \
             const float py = exp_f32((zy - m) - ls);                                              \
             STORE(orow + y, py * coef - sm * (w ? w[y] : 1.0f) - g * (1.0f - eps) * wy);          \
-        }                                                                                         \
+        })                                                                                        \
         return 0;                                                                                 \
     }
 

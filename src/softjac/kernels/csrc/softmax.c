@@ -112,8 +112,7 @@ static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int wa
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         advise_huge(out, n * k * (int64_t)sizeof(T));                                             \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_PARALLEL_ROWS                                                                          \
-        for (int64_t i = 0; i < n; ++i) {                                                         \
+        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * k;                                                                \
             SOFTMAX_FAST_##SUFFIX                                                                 \
@@ -150,7 +149,7 @@ static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int wa
             const float rs = 1.0f / (float)s_acc;                                                 \
             _Pragma("omp simd")                                                                   \
             for (int64_t j = 0; j < k; ++j) STORE(orow + j, exp_full_f32(LOAD(zr + j) - m) * rs); \
-        }                                                                                         \
+        })                                                                                        \
         return 0;                                                                                 \
     }
 
