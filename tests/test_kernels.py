@@ -917,10 +917,10 @@ def test_cpu_softmax_exp_fast_path_boundary():
 @needs_cpu_kernel
 @pytest.mark.parametrize("n", (64, 2100))
 def test_cpu_row_kernels_on_both_sides_of_the_static_split(n):
-    """Row data below 8 MiB is split statically between threads, above it by the guided
-    schedule (``SJ_FOR_ROWS``): the softmax forward, its backward from the forward's argmax
-    and the exact VJP from logits agree with float64 references on both sides
-    (64 × 1000 and 2100 × 1000 float32, the latter 8.4 MB), with 2 threads."""
+    """float32 row data below 8 MiB is split statically between threads, above it by the
+    guided schedule (``SJ_FOR_ROWS_f32``): the softmax forward, its backward from the
+    forward's argmax and the exact VJP from logits agree with float64 references on both
+    sides (64 × 1000 and 2100 × 1000 float32, the latter 8.4 MB), with 2 threads."""
     g = torch.Generator().manual_seed(11)
     z = 4.0 * torch.randn(n, 1000, generator=g)
     v = torch.randn(n, 1000, generator=g)

@@ -109,7 +109,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
                                 int64_t sz, int64_t ignore_index, float eps, int nthreads) {     \
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T), {                                        \
             const T *zr = z + i * sz;                                                             \
             CE_FWD_FAST_##SUFFIX                                                                  \
             float m = -__builtin_inff();                                                          \
@@ -160,7 +160,7 @@ static void ce_bwd_row_f32_vec(const float *zr, float *orow, int64_t y, const fl
         if (so == k && (const void *)out != (const void *)z)                                      \
             advise_huge(out, n * k * (int64_t)sizeof(T));                                         \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T), {                                        \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * so;                                                               \
             const int64_t y = tgt[i];                                                             \

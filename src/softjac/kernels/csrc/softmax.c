@@ -112,7 +112,7 @@ static int32_t softmax_row_f32_vec(const float *z, float *out, int64_t k, int wa
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         advise_huge(out, n * k * (int64_t)sizeof(T));                                             \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T), {                                        \
             const T *zr = z + i * sz;                                                             \
             T *orow = out + i * k;                                                                \
             SOFTMAX_FAST_##SUFFIX                                                                 \

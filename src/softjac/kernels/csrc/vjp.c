@@ -276,7 +276,7 @@ static void vjp_row_f32_vec(const float *p, const float *v, float *out, int64_t 
         nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T),                                                   \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T),                                          \
             VJP_ROW_FN(SUFFIX)(p + i * sp, v + i * sv, out + i * so, k);)                         \
         return 0;                                                                                 \
     }                                                                                             \
@@ -286,7 +286,7 @@ static void vjp_row_f32_vec(const float *p, const float *v, float *out, int64_t 
         nthreads = clamp_threads(nthreads, n, k);                                                    \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T),                                                   \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T),                                          \
             vjp_logits_row_##SUFFIX(z + i * sz, lse[i], v + i * sv, out + i * so, k);)            \
         return 0;                                                                                 \
     }
@@ -520,7 +520,7 @@ static void vjp_idx_row_f32_vec(const float *p, const float *v, float *out, int6
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T),                                                   \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T),                                          \
             VJP_IDX_ROW_FN(SUFFIX)(p + i * sp, v + i * sv, out + i * so, k, idx[i]);)             \
         return 0;                                                                                 \
     }
@@ -882,7 +882,7 @@ static int vjp_exact_row_f32_stored(const float *z, const float *v, float *out, 
         nthreads = clamp_threads(nthreads, n, k);                                                 \
         if (so == k) advise_huge(out, n * k * (int64_t)sizeof(T));                                \
         const int64_t chunk = rows_per_task(k);                                                   \
-        SJ_FOR_ROWS(n * k * (int64_t)sizeof(T), {                                                 \
+        SJ_FOR_ROWS_##SUFFIX(n * k * (int64_t)sizeof(T), {                                        \
             VJP_EXACT_ROW_##SUFFIX(z + i * sz, v + i * sv, out + i * so, k)                       \
         })                                                                                        \
         return 0;                                                                                 \
