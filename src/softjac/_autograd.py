@@ -285,7 +285,8 @@ class SoftmaxLast(torch.autograd.Function):
             return vjp_probs(p, g, ctx.backend), None
         # plain backward: nothing records this product; σ of the eager C forward (ctx.argmax
         # set) has memory, only g needs a look
-        if _memory(g) if ctx.argmax is not None else _memory(p, g):
+        kernel_ok = _memory(g) if ctx.argmax is not None else _memory(p, g)
+        if kernel_ok:
             return dispatch.run_softmax_vjp(p, g, ctx.backend, ctx.argmax), None
         return vjp_probs(p, g, ctx.backend), None
 

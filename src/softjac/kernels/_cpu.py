@@ -264,7 +264,7 @@ def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) 
     k = probs.shape[-1]
     if probs.is_contiguous() and v.is_contiguous():  # (the training step's case, inline)
         out = torch.empty_like(probs)
-        p2, v2, o2, sp, sv, so, n = probs, v, out, k, k, k, probs.numel() // k
+        p2, v2, o2, sp, sv, so, n = probs, v, out, k, k, k, probs.numel() // k if k else 0
     else:
         out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
     if n:

@@ -391,7 +391,7 @@ def info() -> dict[str, dict[str, dict[str, str]]]:
 def run_softmax(z: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``σ = exp(z − lse(z))`` over the last dim in ``z``'s dtype; fully masked rows give
     zeros. O(K) per row, one read and one write with the C kernel."""
-    return _run_softmax(z, backend, argmax=False)[0]
+    return _run_softmax_as(_resolve("softjac.softmax", backend, z, "softmax"), z, argmax=False)[0]
 
 
 def run_softmax_argmax(
@@ -407,10 +407,6 @@ def run_softmax_argmax(
             return _cpu.softmax(z, argmax=True)
         return _torch.softmax(z), None
     return _run_softmax_as(_resolve("softjac.softmax", backend, z, "softmax"), z, argmax=True)
-
-
-def _run_softmax(z: torch.Tensor, backend: str, *, argmax: bool):
-    return _run_softmax_as(_resolve("softjac.softmax", backend, z, "softmax"), z, argmax=argmax)
 
 
 def _run_softmax_as(chosen: str, z: torch.Tensor, *, argmax: bool):
