@@ -6,9 +6,12 @@ deadline) unless ``HYPOTHESIS_PROFILE`` names another ("dev" draws more examples
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 import pytest
 import torch
@@ -84,6 +87,54 @@ def triton_kernels_interpreted() -> bool | None:
     if module is None:
         return None
     return any(type(v).__name__ == "InterpretedFunction" for v in vars(module).values())
+
+
+def import_triton_kernels(*names: str) -> tuple[str, list[ModuleType]]:
+    """For a module of Triton tests, at collection: skip it without triton; import
+    ``softjac.kernels.<name>`` for each name, under ``TRITON_INTERPRET=1`` when there is no GPU
+    (the variable restored after), and skip when the kernels were imported without the
+    interpreter. Returns the device to run on ("cuda", or "cpu" for the interpreter) and the
+    modules."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed", allow_module_level=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    had = os.environ.get("TRITON_INTERPRET")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        modules = [importlib.import_module(f"softjac.kernels.{name}") for name in names]
+    finally:
+        if had is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = had
+    if device == "cpu" and not triton_kernels_interpreted():
+        pytest.skip(
+            "softjac's Triton kernels were imported without the interpreter",
+            allow_module_level=True,
+        )
+    return device, modules
+
+
+def capture_graphs(graphs: list) -> Callable:
+    """A ``torch.compile`` backend that appends each captured FX graph module to ``graphs`` and
+    runs it as captured."""
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def softjac_targets(graphs: list) -> set[str]:
+    """The ``softjac.*`` operators called in the captured graphs."""
+    return {
+        str(node.target)
+        for gm in graphs
+        for node in gm.graph.nodes
+        if node.op == "call_function" and str(node.target).startswith("softjac.")
+    }
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import softjac
 from softjac._autograd import softmax_last_autograd
+from tests.conftest import capture_graphs, softjac_targets
 
 
 def _model(x, w, target):
@@ -54,23 +55,6 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(wc.grad, wr.grad, atol=1e-5, rtol=1e-5)
 
 
-def _capture(graphs):
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward  # run the captured graph as it is
-
-    return backend
-
-
-def _softjac_targets(graphs):
-    return {
-        str(node.target)
-        for gm in graphs
-        for node in gm.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("softjac.")
-    }
-
-
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
 def test_compiled_graph_keeps_the_softjac_ops(backend):
     """softmax, vjp, jvp, vjp_from_probs and jacobian under ``torch.compile(fullgraph=True)``:
@@ -89,7 +73,7 @@ def test_compiled_graph_keeps_the_softjac_ops(backend):
         return (p * v).sum() + a.square().sum() + b.sum() + c.square().sum() + j.square().sum()
 
     graphs = []
-    compiled = torch.compile(f, backend=_capture(graphs), fullgraph=True)
+    compiled = torch.compile(f, backend=capture_graphs(graphs), fullgraph=True)
     z = torch.randn(4, 6, dtype=torch.float64)
     v = torch.randn(4, 6, dtype=torch.float64)
     zc, ze = z.clone().requires_grad_(), z.clone().requires_grad_()
@@ -104,4 +88,4 @@ def test_compiled_graph_keeps_the_softjac_ops(backend):
         "softjac.softmax_vjp.default",
         "softjac.softmax_vjp_logits.default",
         "softjac.jacobian_logits.default",
-    } <= _softjac_targets(graphs)
+    } <= softjac_targets(graphs)

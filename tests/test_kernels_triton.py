@@ -10,40 +10,17 @@ are built on the CPU, moved to the device by :func:`on_dev`, and results compare
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from softjac import _core
 from softjac.kernels import dispatch
+from tests.conftest import import_triton_kernels
 from tests.test_kernels import CE_CASES, _ce_reference, make_inputs
 from tests.test_kernels import vjp_error_ratio as _ratio
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_had = os.environ.get("TRITON_INTERPRET")
-_fresh = "softjac.kernels._triton" not in sys.modules
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from softjac.kernels import _triton
-finally:
-    if _had is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _had
-if DEVICE == "cpu" and not any(
-    type(v).__name__ == "InterpretedFunction" for v in vars(_triton).values()
-):
-    pytest.skip(
-        "softjac's Triton kernels were imported without the interpreter", allow_module_level=True
-    )
+DEVICE, (_triton,) = import_triton_kernels("_triton")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -17,7 +17,6 @@ Inductor (the ``gpu`` test).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,27 +28,9 @@ import torch.nn.functional as F
 
 import softjac
 from softjac._reference import jacobian_ref, softmax_ref, vjp_ref
+from tests.conftest import capture_graphs, import_triton_kernels, softjac_targets
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_had = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from softjac.kernels import _triton, _triton_ops  # noqa: F401 (registers the ops)
-finally:
-    if _had is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _had
-if DEVICE == "cpu" and not any(
-    type(v).__name__ == "InterpretedFunction" for v in vars(_triton).values()
-):
-    pytest.skip(
-        "softjac's Triton kernels were imported without the interpreter", allow_module_level=True
-    )
+DEVICE, (_triton, _) = import_triton_kernels("_triton", "_triton_ops")  # (_triton_ops: the ops)
 
 OPS = torch.ops.softjac
 TRITON_OPS = (
@@ -286,23 +267,6 @@ def test_vmap_cross_entropy():
 # torch.compile
 
 
-def _capture(graphs):
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward  # run the captured graph as it is
-
-    return backend
-
-
-def _softjac_targets(graphs):
-    return {
-        str(node.target)
-        for gm in graphs
-        for node in gm.graph.nodes
-        if node.op == "call_function" and str(node.target).startswith("softjac.")
-    }
-
-
 def _model(z, v, target, backend):
     p = softjac.softmax(z, temperature=0.5, backend=backend)
     a = softjac.vjp(z, v, backend=backend)
@@ -330,7 +294,7 @@ def test_compile_records_the_triton_ops():
     z, v = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
     target = torch.tensor([0, 5, 2])
     graphs = []
-    compiled = torch.compile(_model, backend=_capture(graphs), fullgraph=True)
+    compiled = torch.compile(_model, backend=capture_graphs(graphs), fullgraph=True)
     zc, ze = dev(z).clone().requires_grad_(), dev(z).clone().requires_grad_()
     out = compiled(zc, dev(v), dev(target), "triton")
     (gc,) = torch.autograd.grad(out, zc)
@@ -340,7 +304,7 @@ def test_compile_records_the_triton_ops():
     ref = _reference_model(z64, v.double(), target)
     (gr,) = torch.autograd.grad(ref, z64)
 
-    targets = _softjac_targets(graphs)
+    targets = softjac_targets(graphs)
     assert {
         "softjac.softmax_triton.default",
         "softjac.softmax_vjp_triton.default",
@@ -381,10 +345,10 @@ def test_compile_on_cpu_never_records_triton_ops(backend):
         pytest.skip("C kernels unavailable")
     torch._dynamo.reset()
     graphs = []
-    compiled = torch.compile(_model, backend=_capture(graphs), fullgraph=True)
+    compiled = torch.compile(_model, backend=capture_graphs(graphs), fullgraph=True)
     z = torch.randn(3, 6, requires_grad=True)
     compiled(z, torch.randn(3, 6), torch.tensor([0, 5, 2]), backend)
-    assert not any("_triton" in t for t in _softjac_targets(graphs))
+    assert not any("_triton" in t for t in softjac_targets(graphs))
 
 
 @pytest.mark.gpu
@@ -414,7 +378,7 @@ def test_inductor_sees_the_kernels():
     out.backward()
     assert len(graphs) == 2  # forward and backward
     assert all("triton_kernel_wrapper_functional" in str(gm.graph) for gm in graphs)
-    assert not _softjac_targets(graphs)  # every softjac op decomposed into its launches
+    assert not softjac_targets(graphs)  # every softjac op decomposed into its launches
     eager = _model(ze, v, target, "auto")
     eager.backward()
     torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-5)
