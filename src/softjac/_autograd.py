@@ -265,10 +265,9 @@ class SoftmaxLast(torch.autograd.Function):
     def eager_forward(ctx, z: torch.Tensor, backend: str) -> torch.Tensor:
         """The ctx-form forward of the eager twin (:func:`_eager_twin`): ``forward`` plus
         ``setup_context``, keeping the rows' argmax (or None) as ``ctx.argmax``."""
-        out, ctx.argmax = dispatch.run_softmax_argmax(z, backend)
-        ctx.backend = backend  # (setup_context's lines, without its call: this runs per step)
-        ctx.save_for_backward(out)
-        ctx.save_for_forward(out)
+        out, argmax = dispatch.run_softmax_argmax(z, backend)
+        SoftmaxLast.setup_context(ctx, (z, backend), out)
+        ctx.argmax = argmax
         return out
 
     @staticmethod

@@ -261,16 +261,11 @@ def softmax_vjp_argmax(probs: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) 
     must have σ's dtype and shape."""
     if _lib is None:
         _lib_or_raise()
-    k = probs.shape[-1]
-    if probs.is_contiguous() and v.is_contiguous():  # (the training step's case, inline)
-        out = torch.empty_like(probs)
-        p2, v2, o2, sp, sv, so, n = probs, v, out, k, k, k, probs.numel() // k if k else 0
-    else:
-        out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
+    out, (p2, v2, o2), (sp, sv, so), n = _pair_rows(probs, v)
     if n:
         _vjp_idx_fns[probs.dtype](
-            p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, k, sp, sv, so,
-            torch.get_num_threads(),
+            p2.data_ptr(), v2.data_ptr(), idx.data_ptr(), o2.data_ptr(), n, probs.shape[-1],
+            sp, sv, so, torch.get_num_threads(),
         )  # fmt: skip
     return out
 
